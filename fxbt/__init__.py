@@ -1,0 +1,19 @@
+"""fxbt: a torch.fx rewriting pass that makes transformer inference fast without touching model code.
+
+    gm = fxbt.optimize(model, example_inputs)   # a drop-in GraphModule
+    print(fxbt.report(gm))                      # what was rewritten, and why not
+    original = fxbt.unroll(gm)                  # the captured graph, exactly
+"""
+from ._version import __version__
+from .api import optimize, report
+from .capture import capture
+from .errors import CaptureError, FxbtError, InputError, PatternError, RewriteError
+from .pattern import Accept, Decline, Rule, chain
+from .region import unroll
+
+__all__ = [
+    "optimize", "report", "unroll", "capture",
+    "Rule", "Accept", "Decline", "chain",
+    "FxbtError", "CaptureError", "PatternError", "InputError", "RewriteError",
+    "__version__",
+]

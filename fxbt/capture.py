@@ -1,0 +1,258 @@
+"""Capture: turn a model into a flat FX graph, whatever can trace it.
+
+Three frontends are tried in order; the first that succeeds wins and every earlier failure is kept:
+
+- ``hf_fx``: transformers' own fx tracer (transformers 4.x). ``HFTracer`` is driven directly so that
+  the model-name whitelist of ``transformers.utils.fx.symbolic_trace`` does not refuse models it traces.
+- ``dynamo``: ``torch._dynamo.export`` with dynamic sizes, a torch-level graph. The only way on
+  transformers 5.x, and for modules plain fx cannot trace.
+- ``fx``: ``torch.fx.symbolic_trace``.
+
+Whatever the frontend, the result has one calling convention: its placeholders are the flattened
+example inputs, its output is the flat list of output leaves, and fx's pytree codegen rebuilds the
+model's call signature and output type (a transformers ``ModelOutput`` stays one).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+from .errors import CaptureError, InputError
+from .meta import propagate
+
+log = logging.getLogger("fxbt")
+
+FRONTENDS = ("hf_fx", "dynamo", "fx")
+
+
+@dataclass
+class Capture:
+    """A captured model: the flat graph plus how it was obtained."""
+
+    gm: torch.fx.GraphModule
+    frontend: str
+    failures: dict[str, str] = field(default_factory=dict)
+    flat_inputs: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class _NotApplicable(Exception):
+    """A frontend that does not apply to this model (not an error of the model)."""
+
+
+def split_example(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict]:
+    """Normalise ``example_inputs`` (a tuple of positionals, a dict of keywords, or one tensor)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise InputError(
+            f"example_inputs must be a tuple of positional inputs or a dict of keyword inputs, got "
+            f"{type(example_inputs).__name__}. Pass e.g. (input_ids,) or dict(input_ids=..., attention_mask=...)."
+        )
+    leaves = pytree.tree_leaves((args, kwargs))
+    if not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise InputError("example_inputs hold no tensor: fxbt needs real example tensors to trace and check the model.")
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from None
+    return args, kwargs
+
+
+def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None) -> Capture:
+    """Capture ``model`` on ``example_inputs`` with the first frontend that works."""
+    args, kwargs = split_example(model, example_inputs)
+    order = FRONTENDS if frontend is None else (frontend,)
+    if frontend is not None and frontend not in FRONTENDS:
+        raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
+    failures: dict[str, str] = {}
+    with _cache_off(model), torch.no_grad():
+        reference = model(*args, **kwargs)
+        for name in order:
+            try:
+                gm = _FRONTEND_FNS[name](model, args, kwargs)
+                flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
+                _reproduces(gm, flat_inputs, reference)
+            except Exception as e:  # each frontend fails in its own way; we keep the reason
+                failures[name] = _short_reason(e)
+                log.info("fxbt: frontend %s failed: %s", name, failures[name])
+                continue
+            cap = Capture(gm, name, failures, flat_inputs)
+            if _has_cache_switch(model):
+                cap.notes.append("KV cache off while capturing")
+            return cap
+    raise CaptureError(failures)
+
+
+def _reproduces(gm, flat_inputs, reference) -> None:
+    """Run the graph once on the example (recording metadata) and insist it computes what the model did."""
+    got = pytree.tree_leaves(propagate(gm, flat_inputs))
+    want = pytree.tree_leaves(reference)
+    if len(got) != len(want):
+        raise RuntimeError(f"the graph returns {len(got)} values where the model returns {len(want)}")
+    for g, w in zip(got, want):
+        if isinstance(w, torch.Tensor) and not (g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5,
+                                                                                      equal_nan=True)):
+            raise RuntimeError("the captured graph does not reproduce the model's outputs on the example inputs")
+
+
+def _short_reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    first = next((line for line in text if line.strip()), "")
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+@contextlib.contextmanager
+def _cache_off(model: torch.nn.Module):
+    """HF decoders return a KV cache object unless told not to; capture without it.
+
+    Sub-models keep configs of their own (T5's decoder stack copies its config), so every config
+    reachable from the model's modules is switched, and restored afterwards.
+    """
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None) is not None}
+    saved = {key: c.use_cache for key, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for key, c in configs.items():
+            c.use_cache = saved[key]
+
+
+def _has_cache_switch(model) -> bool:
+    return getattr(getattr(model, "config", None), "use_cache", None) is not None
+
+
+def _concrete_defaults(model, args, kwargs) -> tuple[list[str], dict[str, Any]]:
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(*args, **kwargs)
+    given = list(bound.arguments)
+    concrete = {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name not in given and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    return given, concrete
+
+
+def _hf_fx(model, args, kwargs) -> torch.fx.GraphModule:
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.fx import HFTracer
+    except ImportError:
+        raise _NotApplicable("transformers.utils.fx does not exist in this transformers version (removed in 5.x)")
+    if not isinstance(model, PreTrainedModel):
+        raise _NotApplicable("the HF tracer only traces transformers PreTrainedModel instances")
+    given, concrete = _concrete_defaults(model, args, kwargs)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    dummy = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+    concrete.update({k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)})
+    with _undo_hf_patches(HFTracer):
+        graph = HFTracer().trace(model, concrete_args=concrete, dummy_inputs=dummy,
+                                 complete_concrete_args_with_inputs_not_in_dummy_inputs=False)
+    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+
+
+@contextlib.contextmanager
+def _undo_hf_patches(tracer_cls):
+    """HFTracer patches torch functions and transformers classes while tracing and does not restore
+    them when tracing fails (transformers 4.57); left patched, they break every later dynamo capture."""
+    functions = {name: getattr(torch, name) for name in tracer_cls._TORCH_METHODS_TO_PATCH}
+    try:
+        yield
+    finally:
+        for name, fn in functions.items():
+            setattr(torch, name, fn)
+        undo = {patched: orig for orig, patched in tracer_cls._CLASSES_TO_PATCH.items()}
+        for mod_name, mod in list(sys.modules.items()):
+            if mod_name.startswith("transformers") and mod is not None:
+                for attr, value in list(vars(mod).items()):
+                    if isinstance(value, type) and value in undo:
+                        setattr(mod, attr, undo[value])
+
+
+def _dynamo(model, args, kwargs) -> torch.fx.GraphModule:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    result = torch._dynamo.export(model, assume_static_by_default=False)(*args, **kwargs)
+    return result.graph_module
+
+
+def _plain_fx(model, args, kwargs) -> torch.fx.GraphModule:
+    given, concrete = _concrete_defaults(model, args, kwargs)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    concrete.update({k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)})
+    return torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+
+
+_FRONTEND_FNS: dict[str, Callable] = {"hf_fx": _hf_fx, "dynamo": _dynamo, "fx": _plain_fx}
+
+
+def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
+    """Give every frontend's graph one convention: flat tensor inputs, flat outputs, pytree codegen.
+
+    Returns the example inputs flattened in the order of the graph's placeholders."""
+    if frontend == "dynamo":
+        flat_inputs = pytree.tree_leaves((args, kwargs))
+    else:
+        flat_inputs = _flatten_graph_io(gm, model, args, kwargs, reference)
+    gm.train(model.training)  # a new GraphModule starts in training mode whatever the model's mode
+    gm.meta = getattr(gm, "meta", {})
+    for pos, node in enumerate(gm.graph.nodes):
+        node.meta["fxbt_pos"] = pos
+    return flat_inputs
+
+
+def _flatten_graph_io(gm, model, args, kwargs, reference) -> list:
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    tensor_names = [k for k, v in bound.items() if isinstance(v, torch.Tensor)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_name = {n.target: n for n in placeholders}
+    for name, node in by_name.items():
+        if name not in tensor_names:
+            if node.users:
+                raise RuntimeError(f"input {name!r} is not a tensor in the example but the graph uses it")
+            gm.graph.erase_node(node)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    out_nodes, _ = pytree.tree_flatten(_as_plain(output.args[0]))
+    ref_leaves, out_spec = pytree.tree_flatten(reference)
+    if len(out_nodes) != len(ref_leaves):
+        raise RuntimeError(f"graph returns {len(out_nodes)} values, the model {len(ref_leaves)}")
+    output.args = (tuple(out_nodes),)
+    in_values = {k: bound[k] for k in tensor_names}
+    names = list(in_values)
+    in_spec = pytree.tree_structure(((), in_values))
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
+    # Keep placeholders in the order of the flattened inputs.
+    order = {name: i for i, name in enumerate(names)}
+    kept = sorted((n for n in gm.graph.nodes if n.op == "placeholder"), key=lambda n: order[n.target])
+    body = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for node in kept:
+        body.prepend(node)
+    gm.recompile()
+    return [in_values[n.target] for n in kept]
+
+
+def _as_plain(structure):
+    """HF traced graphs return a dict in place of the ModelOutput: flatten it in the same key order."""
+    if isinstance(structure, dict):
+        return tuple(_as_plain(v) for v in structure.values())
+    if isinstance(structure, (list, tuple)):
+        return tuple(_as_plain(v) for v in structure)
+    return structure

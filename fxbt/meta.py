@@ -1,0 +1,103 @@
+"""Node metadata: shapes, dtypes and small constant values from one run on the example inputs.
+
+Each node gets ``node.meta["fxbt_val"]``: a `TensorInfo` for a tensor, the value itself for Python
+scalars, sizes, dtypes and tuples of those. Nodes whose value depends on the inputs' *sizes* only
+(causal masks, position ids, scales computed from a head size) are marked ``shape_only`` and keep
+their real tensor value, so checks can evaluate them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+_SIZE_METHODS = {"size", "dim", "numel"}
+_SIZE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "is_nested"}
+_KEEP_NUMEL = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    value: torch.Tensor | None = None  # kept for shape-only tensors
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def is_size_query(node: torch.fx.Node) -> bool:
+    """A node that reads a tensor's size, rank, dtype or device, never its data."""
+    if node.op == "call_method":
+        return node.target in _SIZE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1:
+            return node.args[1] in _SIZE_ATTRS
+        return node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_size)
+    return False
+
+
+def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes whose value is a function of input sizes, parameters and buffers alone."""
+    found: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "get_attr" or is_size_query(node):
+            found.add(node)
+            continue
+        if node.op == "call_module":
+            continue
+        if all(x in found for x in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def describe(value: Any, keep: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        small = keep and not value.is_nested and value.numel() <= _KEEP_NUMEL
+        return TensorInfo(tuple(value.shape), value.dtype, value.device, value.detach() if small else None)
+    if isinstance(value, (tuple, list)):
+        return type(value)(describe(v, keep) for v in value) if not isinstance(value, torch.Size) else tuple(value)
+    if isinstance(value, (int, float, bool, str, torch.dtype, torch.device, type(None), slice)):
+        return value
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value
+    return None
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm, keep):
+        super().__init__(gm)
+        self.keep = keep
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        n.meta["fxbt_val"] = describe(result, n in self.keep)
+        return result
+
+
+def propagate(gm: torch.fx.GraphModule, flat_inputs: list):
+    """Run ``gm`` once on ``flat_inputs``, record every node's `fxbt_val`, return the flat outputs."""
+    keep = shape_only_nodes(gm.graph)
+    for node in gm.graph.nodes:
+        node.meta["fxbt_shape_only"] = node in keep
+    with torch.no_grad():
+        return _Recorder(gm, keep).run(*flat_inputs)
+
+
+def val(node_or_const) -> Any:
+    """The recorded value of a node, or the constant itself."""
+    if isinstance(node_or_const, torch.fx.Node):
+        return node_or_const.meta.get("fxbt_val")
+    return node_or_const
+
+
+def rank(node) -> int | None:
+    v = val(node)
+    return v.ndim if isinstance(v, TensorInfo) else None
+

@@ -1,0 +1,210 @@
+"""Regions: a rewritten subgraph that remembers the original, and `unroll`, which puts it back.
+
+A region is an ``nn.Module`` called from one ``call_module`` node. It owns the original subgraph as
+a GraphModule (``original``) and the replacement function with the parameters its rule chose. It
+runs the replacement, or the original when the rule's fallback says so (training, for example).
+
+Every captured node carries ``meta["fxbt_pos"]``, its position in the captured graph. `unroll` inlines
+regions (recursively) and re-sorts by that position, so the result has the same operations in the
+same order, with the same names, as the captured original.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from .errors import RewriteError
+
+
+class Region(torch.nn.Module):
+    """One rewritten subgraph."""
+
+    def __init__(self, rule: str, kernel: str, original: torch.fx.GraphModule, replacement: Callable,
+                 slots: dict[str, Any], params: dict[str, Any], fallback: Callable | None = None):
+        super().__init__()
+        self.rule, self.kernel = rule, kernel
+        self.original = original
+        self.replacement = replacement
+        self.slots = slots  # replacement argument -> input index (int), a tuple of indices, or a constant
+        self.params = params
+        self.fallback = fallback
+        self.wants_training = "training" in inspect.signature(replacement).parameters
+        self.last_path = None  # "replacement" or the fallback's reason, for the report and tests
+
+    def forward(self, *inputs):
+        reason = self.fallback(self, inputs) if self.fallback is not None else None
+        if reason:
+            self.last_path = reason
+            return self.original(*inputs)
+        self.last_path = "replacement"
+        kwargs = {name: _slot_value(slot, inputs) for name, slot in self.slots.items()}
+        if self.wants_training:
+            kwargs["training"] = self.training
+        return self.replacement(**kwargs, **self.params)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, kernel={self.kernel}"
+
+
+class Slot:
+    """Where a replacement argument comes from: input positions (``index``) or a constant ``value``."""
+
+    def __init__(self, index=None, value=None, many=False):
+        self.index, self.value, self.many = index, value, many
+
+    def __repr__(self):
+        return f"Slot({self.index if self.index is not None else self.value!r})"
+
+
+def _slot_value(slot, inputs):
+    if not isinstance(slot, Slot):
+        return slot
+    if slot.many:
+        return tuple(inputs[i] if isinstance(i, int) else i.value for i in slot.index)
+    return inputs[slot.index] if slot.index is not None else slot.value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def boundary(interior: set[torch.fx.Node], graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The values an interior reads from outside, in graph order."""
+    outside = {a for n in interior for a in n.all_input_nodes if a not in interior}
+    return [n for n in graph.nodes if n in outside]
+
+
+_METADATA = ("dtype", "device")
+
+
+def reads_metadata_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """``getattr(node, "dtype" | "device")``: a use any tensor of that dtype and device can serve."""
+    return user.op == "call_function" and user.target is getattr and user.args[0] is node and user.args[1] in _METADATA
+
+
+def escaping(interior: set[torch.fx.Node], root: torch.fx.Node) -> list[torch.fx.Node]:
+    """Interior nodes other than the root whose values are used outside the interior."""
+    return [n for n in interior if n is not root
+            and any(u not in interior and not reads_metadata_only(u, n) for u in n.users)]
+
+
+def metadata_stand_ins(interior: set[torch.fx.Node], root: torch.fx.Node, inputs: list[torch.fx.Node]) -> dict | str:
+    """For outside dtype/device reads of interior nodes, an input with the same dtype and device.
+
+    Returns {(user, interior node): stand-in input}, or the reason none exists."""
+    found = {}
+    for node in interior - {root}:
+        for user in [u for u in node.users if u not in interior and reads_metadata_only(u, node)]:
+            info = node.meta.get("fxbt_val")
+            stand_in = next((i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), info)), None)
+            if stand_in is None:
+                return f"{user.name} reads the {user.args[1]} of {node.name} and no region input has the same"
+            found[(user, node)] = stand_in
+    return found
+
+
+def rewire(stand_ins: dict) -> None:
+    """Apply `metadata_stand_ins`, remembering the original producer's name for `unroll`."""
+    for (user, node), stand_in in stand_ins.items():
+        user.replace_input_with(node, stand_in)
+        user.meta.setdefault("fxbt_rewired", {})[stand_in.name] = node.name
+
+
+def _same_dtype_device(a, b) -> bool:
+    return all(hasattr(x, "dtype") and hasattr(x, "device") for x in (a, b)) and (a.dtype, a.device) == (b.dtype, b.device)
+
+
+def extract(gm: torch.fx.GraphModule, interior: set[torch.fx.Node], root: torch.fx.Node,
+            inputs: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """The interior as a standalone GraphModule taking ``inputs`` and returning ``root``."""
+    sub = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in inputs:
+        env[node] = sub.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in gm.graph.nodes:
+        if node in interior:
+            env[node] = sub.node_copy(node, lambda x: env[x])
+    sub.output(env[root])
+    return torch.fx.GraphModule(gm, sub, class_name="OriginalSubgraph")
+
+
+def install(gm: torch.fx.GraphModule, region: Region, interior: set[torch.fx.Node], root: torch.fx.Node,
+            inputs: list[torch.fx.Node], index: int) -> torch.fx.Node:
+    """Replace ``interior`` (ending in ``root``) by one call of ``region``."""
+    name = f"fxbt_region_{index}"
+    region.train(gm.training)  # a new module starts in training mode; follow the graph's mode
+    gm.add_submodule(name, region)
+    with gm.graph.inserting_before(root):
+        call = gm.graph.call_module(name, tuple(inputs))
+    call.meta = {k: v for k, v in root.meta.items() if k != "fxbt_pos"}
+    call.meta["fxbt_region"] = name
+    root.replace_all_uses_with(call)
+    for node in reversed([n for n in gm.graph.nodes if n in interior]):
+        if node.users:
+            raise RewriteError(f"node {node.name} still has users {list(node.users)} after region {name} replaced it")
+        gm.graph.erase_node(node)
+    return call
+
+
+def regions(gm: torch.nn.Module) -> list[tuple[str, Region]]:
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, Region)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule equal to the captured original: every region replaced by its original subgraph."""
+    records: list[tuple[torch.fx.Node, torch.nn.Module]] = []
+    alias: dict[torch.fx.Node, Any] = {}
+    _collect(gm, gm.graph, alias, records, top=True)
+    if any("fxbt_pos" not in n.meta for n, _ in records):
+        missing = next(n for n, _ in records if "fxbt_pos" not in n.meta)
+        raise RewriteError(f"node {missing.name} has no captured position; it was not produced by fxbt.capture")
+    records.sort(key=lambda r: r[0].meta["fxbt_pos"])
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    root: dict[str, Any] = {}
+
+    def resolve(x):
+        while x in alias:
+            x = alias[x]
+        return env[x]
+
+    by_name: dict[str, torch.fx.Node] = {}
+    for node, owner in records:
+        rewired = node.meta.get("fxbt_rewired", {})
+        env[node] = graph.node_copy(node, lambda x: by_name[rewired[x.name]] if x.name in rewired else resolve(x))
+        env[node].meta.pop("fxbt_rewired", None)
+        by_name[node.name] = env[node]
+        if node.op in ("call_module", "get_attr"):
+            root[node.target] = _fetch(owner, node.target)
+    out = torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    out.meta = getattr(gm, "meta", {})
+    return out
+
+
+def _collect(owner, graph, alias, records, top):
+    for node in graph.nodes:
+        target = _fetch(owner, node.target) if node.op == "call_module" else None
+        if isinstance(target, Region):
+            inner = target.original
+            placeholders = [n for n in inner.graph.nodes if n.op == "placeholder"]
+            for ph, arg in zip(placeholders, node.args):
+                alias[ph] = arg
+            _collect(inner, inner.graph, alias, records, top=False)
+            out = next(n for n in inner.graph.nodes if n.op == "output")
+            alias[node] = out.args[0]
+        elif top or node.op not in ("placeholder", "output"):
+            records.append((node, owner))
+
+
+def _fetch(owner: torch.nn.Module, target: str):
+    obj = owner
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,115 @@
+"""The rewrite pass: match rules on the canonical view, check each match, install regions, report.
+
+Rules run in passes by priority (attention before encoder blocks, so an encoder pattern can see an
+attention region as one op). Within a pass, matches are taken in graph order and never overlap.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+import torch.fx
+
+from .canon import CanonicalGraph, Const, origin
+from .errors import RewriteError
+from .matcher import Match, find_matches
+from .pattern import Accept, Decline, Rule
+from .region import Region, Slot, boundary, escaping, extract, install, metadata_stand_ins, rewire
+from .report import Report, Row
+
+log = logging.getLogger("fxbt")
+
+
+def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report) -> None:
+    counter = itertools.count(len([m for m in gm.modules() if isinstance(m, Region)]))
+    for _, group in itertools.groupby(sorted(rules, key=lambda r: r.priority), key=lambda r: r.priority):
+        _run_pass(gm, list(group), report, counter)
+        _lint(gm)
+    gm.recompile()
+
+
+def _run_pass(gm, rules, report, counter) -> None:
+    graph = CanonicalGraph(gm)
+    taken: set[torch.fx.Node] = set()
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for rule in rules:
+        for match in list(find_matches(rule.graph, graph)):
+            if origin(match.root) in taken:
+                continue
+            verdict = _judge(rule, match, taken)
+            if isinstance(verdict, Decline):
+                log.info("fxbt: %s declined at %s: %s", rule.name, origin(match.root).name, verdict.reason)
+                report.rows.append(Row(origin(match.root).name, rule.name, rule.kernel, "rejected",
+                                       verdict.reason, report.frontend, nodes=len(match.nodes())))
+                continue
+            interior, accept, stand_ins = verdict
+            name = _install(gm, rule, match, interior, accept, stand_ins, replaced, next(counter))
+            taken |= interior
+            report.rows.append(Row(name, rule.name, rule.kernel, "rewritten", accept.note, report.frontend,
+                                   impl=accept.params.get("impl", ""), nodes=len(interior)))
+
+
+def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept, dict]:
+    try:
+        verdict = rule.check(match) if rule.check is not None else Accept(dict(match.bindings))
+    except Exception as e:  # a check that crashes must not take the whole optimisation down
+        return Decline(f"check {rule.name} failed: {type(e).__name__}: {e}")
+    if verdict is None or verdict is True:
+        verdict = Accept(dict(match.bindings))
+    if verdict is False:
+        verdict = Decline(f"check {rule.name} returned False")
+    if isinstance(verdict, Decline):
+        return verdict
+    root = origin(match.root)
+    interior = match.nodes() | {origin(k) for k in verdict.absorb}
+    if interior & taken:
+        return Decline("overlaps a region already rewritten in this pass")
+    leaks = escaping(interior, root)
+    if leaks:
+        names = ", ".join(sorted(n.name for n in leaks))
+        return Decline(f"intermediate value(s) {names} are also used outside the match")
+    stand_ins = metadata_stand_ins(interior, root, boundary(interior, root.graph))
+    if isinstance(stand_ins, str):
+        return Decline(stand_ins)
+    return interior, verdict, stand_ins
+
+
+def _install(gm, rule, match, interior, accept, stand_ins, replaced, index) -> str:
+    root = origin(match.root)
+    inputs = boundary(interior, gm.graph)
+    position = {n: i for i, n in enumerate(inputs)}
+    slots = {name: _slot(value, position, replaced) for name, value in accept.inputs.items()}
+    rewire(stand_ins)
+    original = extract(gm, interior, root, inputs)
+    region = Region(rule.name, rule.kernel, original, rule.replacement, slots,
+                    {k: v for k, v in accept.params.items() if k != "impl"}, rule.fallback)
+    call = install(gm, region, interior, root, inputs, index)
+    replaced[root] = call
+    return call.target
+
+
+def _slot(value, position, replaced):
+    if isinstance(value, (list, tuple)):
+        return Slot(index=tuple(_index(v, position, replaced) for v in value), many=True)
+    if isinstance(value, Const):
+        return Slot(value=value.value)
+    if isinstance(value, torch.fx.Node):
+        return Slot(index=_index(value, position, replaced))
+    return Slot(value=value)
+
+
+def _index(value, position, replaced):
+    if isinstance(value, Const):
+        return value
+    node = replaced.get(value, value)
+    if node not in position:
+        raise RewriteError(f"replacement input {node.name} is not an input of the region")
+    return position[node]
+
+
+def _lint(gm: torch.fx.GraphModule) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as e:
+        raise RewriteError(f"the rewritten graph is malformed: {e}") from e

@@ -1,0 +1,1 @@
+"""fxbt's built-in pattern library: one pattern family per module."""

@@ -1,0 +1,542 @@
+"""Softmax attention -> ``scaled_dot_product_attention``.
+
+One pattern covers every way models write ``softmax(Q·Kᵀ·scale + mask)·V``:
+
+    def softmax_attention(q, kt, v):
+        return torch.matmul(torch.softmax(chain(torch.matmul(q, kt)), dim=-1), v)
+
+The canonical view already makes ``bmm``/``@``/``einsum``, transposes written as permutes, dropout and
+dtype casts look alike; `chain` stands for whatever the model does to the scores in between, in any
+order: scale by multiplication or division, additive masks and position biases, boolean masks through
+``masked_fill`` or ``where``, ALiBi through ``baddbmm``. The check reads that chain into a small
+*mask program* that the replacement replays at run time, so the mask SDPA receives is the one the
+model built, and proves the two cases that let SDPA skip it: no mask at all, or a purely causal one
+(``is_causal=True``, the flash path). It also looks through a scale applied to Q or K beforehand, a
+transposed K, and keys/values repeated for grouped-query attention (``enable_gqa=True``).
+
+A second rule recognises attention that already calls SDPA (transformers' default), so the encoder
+fusion sees it as attention too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fxbt.canon import Const, TensorInfo, Virtual, origin
+from fxbt.meta import val
+from fxbt.pattern import Accept, Decline, Rule, chain, views
+
+MASKED = -1e4  # scores at or below this get exactly zero probability after softmax (exp underflows)
+
+
+# --- pattern and replacement ------------------------------------------------------------------
+
+
+def softmax_attention(q, kt, v):
+    return torch.matmul(views(torch.softmax(chain(torch.matmul(q, kt)), dim=-1)), v)
+
+
+def sdpa_attention(q, k, v, mask_terms=(), scale_terms=(), *, k_transposed, program, scale, scale_powers, causal,
+                   dropout, gqa, training=False):
+    if k_transposed:
+        k = k.transpose(-2, -1)
+    for term, power in zip(scale_terms, scale_powers):
+        scale = scale * term**power
+    is_causal = causal and q.shape[-2] == k.shape[-2]
+    scores_shape = q.shape[:-1] + k.shape[-2:-1]
+    mask = None if is_causal else build_mask(program, mask_terms, q.dtype, scores_shape)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=_dropout_p(dropout, training),
+                                          is_causal=is_causal, scale=scale, enable_gqa=gqa)
+
+
+def _dropout_p(dropout, training: bool) -> float:
+    p, mode = dropout
+    active = training if mode == "module" else bool(mode)
+    return p if active else 0.0
+
+
+def build_mask(program: tuple, terms: tuple, dtype: torch.dtype, scores_shape):
+    """Replay the score modifiers on zero scores: the additive mask SDPA adds to Q·Kᵀ·scale.
+
+    A ``reshape`` of the scores (BLOOM views [b·h, q, k] as [b, h, q, k]) is replayed on the mask
+    expanded to the scores' full shape; the result is put back into the product's layout.
+    """
+    mask, shape, reshaped = None, tuple(scores_shape), False
+    for step in program:
+        kind, args = step[0], step[1:]
+        if kind == "reshape":
+            full = torch.zeros((), dtype=dtype) if mask is None else mask
+            mask = full.expand(shape).reshape(tuple(_term(a, terms) for a in args[0]))
+            shape, reshaped = tuple(mask.shape), True
+        elif kind == "scale":
+            mask = None if mask is None else mask * _term(args[0], terms) ** args[1]
+        elif kind == "add":
+            term = _term(args[0], terms) * args[1]
+            mask = term if mask is None else mask + term
+        elif kind == "sub":
+            term = _term(args[0], terms)
+            mask = -term if mask is None else mask - term
+        else:  # "fill": masked positions take the value; "keep": unmasked positions keep the scores
+            cond, value = _term(args[0], terms), _term(args[1], terms)
+            zero = torch.zeros((), dtype=dtype, device=cond.device) if mask is None else mask
+            value = torch.as_tensor(value, dtype=dtype, device=cond.device)
+            mask = torch.where(cond, value, zero) if kind == "fill" else torch.where(cond, zero, value)
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return None  # a constant added to every score does not change the softmax
+    if reshaped:
+        mask = mask.expand(shape).reshape(scores_shape)
+    return mask.to(dtype)
+
+
+def _term(ref, terms):
+    return terms[ref[1]] if isinstance(ref, tuple) and ref and ref[0] == "term" else ref
+
+
+# --- the check --------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What the check learns about one attention site while reading it."""
+
+    def __init__(self, match):
+        self.match, self.graph = match, match.graph
+        self.absorb: list = []
+        self.terms: list = []  # graph values the mask program reads
+        self.scale_terms: list = []  # graph scalars multiplied into the scale at run time
+        self.scale_powers: list = []  # +1 or -1 for each of them
+        self.scale = 1.0
+        self.program: list = []
+
+    def term(self, value) -> tuple | Any:
+        if isinstance(value, Const):
+            return value.value
+        self.terms.append(value)
+        return ("term", len(self.terms) - 1)
+
+    def exclusive(self, key, users_inside) -> bool:
+        node = origin(key)
+        return all(u in users_inside for u in node.users)
+
+
+def check_softmax_attention(match) -> Accept | Decline:
+    g = match.graph
+    q, kt, v = match.bindings["q"], match.bindings["kt"], match.bindings["v"]
+    if any(isinstance(x, Const) for x in (q, kt, v)):
+        return Decline("query, key or value is a constant")
+    plan = _Plan(match)
+    root = match.root
+    softmax = _softmax_of(g, root)
+    if softmax is None:
+        return Decline("no softmax feeds the value product")
+    leak = _probabilities_leak(match, softmax)
+    if leak:
+        return Decline("attention probabilities are also returned" if leak == "output" else
+                       "attention probabilities are also used outside the attention")
+    steps = list(reversed(match.chains.get("chain", [])))
+    for key, pos in steps:
+        reason = _read_step(plan, g, key, pos)
+        if reason:
+            return Decline(reason)
+    inside = set(match.nodes())
+    q, reason = _peel_scale(plan, g, q, inside)
+    if reason:
+        return Decline(reason)
+    k, k_transposed, reason = _resolve_key(plan, g, kt, inside)
+    if reason:
+        return Decline(reason)
+    k, v, gqa = _grouped_query(plan, g, k, v, inside)
+    reason = _check_shapes(g, q, k, v, k_transposed, gqa, match)
+    if reason:
+        return Decline(reason)
+    causal = _proven_causal(plan)
+    dropout = _dropout_of(g, softmax, root)
+    note = "is_causal" if causal else ("no mask" if not plan.terms and not plan.program else "")
+    return Accept(
+        inputs={"q": q, "k": k, "v": v, "mask_terms": tuple(plan.terms), "scale_terms": tuple(plan.scale_terms)},
+        params={"k_transposed": k_transposed, "program": tuple(plan.program), "scale": plan.scale,
+                "scale_powers": tuple(plan.scale_powers),
+                "causal": causal, "dropout": dropout, "gqa": gqa},
+        absorb=tuple(plan.absorb),
+        note=note,
+    )
+
+
+def _softmax_of(g, root):
+    probs, _ = g.through_transparent(g.operands(root)[0])
+    while not isinstance(probs, Const) and g.op(probs) == "reshape":
+        probs, _ = g.through_transparent(g.operands(probs)[0])
+    return probs if not isinstance(probs, Const) and g.op(probs) == "softmax" else None
+
+
+def _probabilities_leak(match, softmax) -> str | None:
+    """Are the probabilities (or their dropout/cast) used anywhere but the value product?"""
+    g = match.graph
+    inside = match.nodes()
+    key = softmax
+    while True:
+        node = origin(key)
+        outside = [u for u in node.users if u not in inside]
+        if outside:
+            return "output" if any(u.op == "output" or _reaches_output(u) for u in outside) else "other"
+        nxt = [u for u in g.users(key) if origin(u) in inside and u is not match.root]
+        if not nxt:
+            return None
+        key = nxt[0]
+
+
+def _reaches_output(node, limit=8) -> bool:
+    for _ in range(limit):
+        if node.op == "output":
+            return True
+        if len(node.users) != 1:
+            return any(u.op == "output" for u in node.users)
+        node = next(iter(node.users))
+    return False
+
+
+def _read_step(plan: _Plan, g, key, pos) -> str | None:
+    """Translate one score modifier into the mask program; return a reason if it cannot be."""
+    op = g.op(key)
+    operands = g.operands(key)
+    if op in ("float_cast",) or op in ("dropout", "contiguous", "clone", "to_device", "identity"):
+        return None
+    if op == "reshape":
+        return _reshape_step(plan, key)
+    other = operands[1 - pos] if op in ("add", "mul", "sub", "div") else None
+    if op in ("mul", "div"):
+        if op == "div" and pos != 0:
+            return "scores are a divisor"
+        factor, reason = _scalar(plan, g, other)
+        if reason:
+            return reason
+        if op == "div":
+            factor = ("inv", factor)
+        _apply_scale(plan, factor)
+        return None
+    if op == "add":
+        term, coef = _additive(g, other)
+        plan.program.append(("add", plan.term(_unbroadcast(plan, g, term)), coef))
+        return None
+    if op == "sub":
+        if pos != 0:
+            return "scores are subtracted from a tensor"
+        plan.program.append(("sub", plan.term(other)))
+        return None
+    if op == "masked_fill" and pos == 0:
+        return _fill_step(plan, g, "fill", operands[1], operands[2])
+    if op == "where":
+        return _fill_step(plan, g, "keep" if pos == 1 else "fill", operands[0], operands[2 if pos == 1 else 1])
+    return f"score modifier {op} is not a scale or a mask"
+
+
+def _reshape_step(plan, key) -> str | None:
+    node = origin(key)
+    if isinstance(key, Virtual) or node.target not in ("view", "reshape", torch.reshape):
+        return f"scores are reshaped by {node.target}"
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    refs = tuple(plan.term(s) if isinstance(s, torch.fx.Node) else s for s in sizes)
+    plan.program.append(("reshape", refs))
+    return None
+
+
+def _fill_step(plan, g, kind, cond, value) -> str | None:
+    """Masked positions set to a fill value: a constant, or a graph value used as it is at run time."""
+    if isinstance(value, Virtual):
+        return "the masked fill value is computed from the scores"
+    known = value.value if isinstance(value, Const) else val(value)
+    if isinstance(known, TensorInfo):
+        known = known.value.max().item() if known.value is not None and known.value.numel() else None
+    if not isinstance(known, (int, float)) or known > MASKED:
+        return f"masked scores are set to {known}, not to a large negative constant"
+    fill = plan.term(value)
+    plan.program.append((kind, plan.term(_unbroadcast(plan, g, cond)), fill))
+    return None
+
+
+def _unbroadcast(plan, g, key):
+    """Use a mask before ``expand``/``expand_as``: SDPA broadcasts it, and the expansion may read the scores' shape."""
+    while (not isinstance(key, Const) and not isinstance(key, Virtual) and g.op(key) == "expand"
+           and _only_feeds(key, plan.match.nodes() | set(map(origin, plan.absorb)))):
+        plan.absorb.append(key)
+        key = g.operands(key)[0]
+    return key
+
+
+def _apply_scale(plan: _Plan, factor) -> None:
+    """A scale on the scores scales what was added before it, and the global scale."""
+    inverse = isinstance(factor, tuple) and factor[0] == "inv"
+    value = factor[1] if inverse else factor
+    if isinstance(value, (int, float)):
+        number = 1.0 / value if inverse else float(value)
+        plan.scale *= number
+        if plan.program:
+            plan.program.append(("scale", number, 1))
+        return
+    # a run-time scalar (computed from a size, say): a term of the scale, and of the mask if one came before
+    power = -1 if inverse else 1
+    plan.scale_terms.append(value)
+    plan.scale_powers.append(power)
+    if plan.program:
+        plan.program.append(("scale", plan.term(value), power))
+
+
+def _scalar(plan, g, key):
+    """A scale: a constant, a graph scalar, or a 0-d tensor built from one by ``full``/``tensor``."""
+    if isinstance(key, Const):
+        if isinstance(key.value, (int, float)) and not isinstance(key.value, bool):
+            return key.value, None
+        if isinstance(key.value, torch.Tensor) and key.value.numel() == 1:
+            return key.value.item(), None
+        return None, f"scale {key.value!r} is not a number"
+    if isinstance(key, Virtual):
+        return None, "scale is a tensor"
+    value = val(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return key, None  # a Python scalar computed in the graph (e.g. from a size): read at run time
+    if g.op(key) == "param" and isinstance(value, TensorInfo) and value.ndim == 0 and value.value is not None:
+        if isinstance(_attribute(g.gm, key.target), torch.nn.Parameter):
+            return None, "scale is a learnable parameter"
+        return value.value.item(), None  # a constant tensor of the model (GPT-J's scale_attn)
+    if g.op(key) == "scalar_tensor":  # torch.full([], x) or torch.tensor(x): the scale is x
+        inner, reason = _scalar(plan, g, g.operands(key)[0])
+        if reason or isinstance(inner, (int, float)):
+            return inner, reason
+        if not _only_feeds(key, plan.match.nodes() | set(map(origin, plan.absorb))):
+            return None, "scale is a tensor"
+        plan.absorb.append(key)  # so that x, not the tensor, becomes the region's input
+        return inner, None
+    return None, "scale is a tensor"
+
+
+def _attribute(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _additive(g, key):
+    """An additive term; ``beta * bias`` from baddbmm is read as the bias with a coefficient."""
+    if isinstance(key, Virtual) and g.op(key) == "mul":
+        a, b = g.operands(key)
+        if isinstance(b, Const):
+            return a, b.value
+    return key, 1.0
+
+
+def _peel_scale(plan, g, q, inside):
+    """Absorb scalar scales applied to Q before the product (used by nothing else)."""
+    while not isinstance(q, Const) and g.op(q) in ("mul", "div") and _only_feeds(q, inside):
+        a, b = g.operands(q)
+        x, other = (a, b)
+        if g.op(q) == "mul" and _is_scalarish(g, a) and not _is_scalarish(g, b):
+            x, other = b, a
+        factor, reason = _scalar(plan, g, other)
+        if reason or isinstance(x, Const):
+            break
+        _apply_scale(plan, ("inv", factor) if g.op(q) == "div" else factor)
+        inside.add(origin(q))
+        plan.absorb.append(q)
+        q = x
+    return q, None
+
+
+def _is_scalarish(g, key) -> bool:
+    if isinstance(key, Const):
+        return True
+    value = val(origin(key))
+    return not isinstance(value, TensorInfo) or value.ndim == 0
+
+
+def _only_feeds(key, inside) -> bool:
+    node = origin(key)
+    return not isinstance(key, Virtual) and bool(node.users) and all(u in inside for u in node.users)
+
+
+def _resolve_key(plan, g, kt, inside):
+    """Find K itself: through a transpose (real or einsum's virtual one) and any scale on it."""
+    kt, _ = _peel_scale(plan, g, kt, inside)
+    if isinstance(kt, Virtual):  # einsum with the rhs transposed: the operand is K
+        k = g.operands(kt)[0]
+        k, _ = _peel_scale(plan, g, k, inside)
+        return k, False, None
+    if g.op(kt) == "transpose" and g.canon(kt).attrs.get("dims") == (-2, -1) and _only_feeds(kt, inside):
+        inside.add(origin(kt))
+        plan.absorb.append(kt)
+        k = g.operands(kt)[0]
+        k, _ = _peel_scale(plan, g, k, inside)
+        return k, False, None
+    return kt, True, None
+
+
+def _grouped_query(plan, g, k, v, inside):
+    """Keys and values repeated per query group (repeat_kv) are passed unrepeated with enable_gqa."""
+    k_base, k_nodes = _unrepeated(g, k)
+    v_base, v_nodes = _unrepeated(g, v)
+    if k_base is None or v_base is None:
+        return k, v, False
+    if not all(_only_feeds(n, inside | set(map(origin, k_nodes + v_nodes))) for n in k_nodes + v_nodes):
+        return k, v, False
+    plan.absorb.extend(k_nodes + v_nodes)
+    inside.update(map(origin, k_nodes + v_nodes))
+    return k_base, v_base, True
+
+
+def _unrepeated(g, x):
+    """``x = base[:, :, None].expand(b, h, n, s, d).reshape(b, h*n, s, d)`` or ``repeat_interleave(base, n, 1)``."""
+    if isinstance(x, Const):
+        return None, []
+    xv = val(x)
+    if not isinstance(xv, TensorInfo) or xv.ndim != 4:
+        return None, []
+    if g.op(x) == "repeat_interleave":
+        base = g.operands(x)[0]
+        attrs = g.canon(x).attrs
+        if attrs.get("dim") in (1, -3) and isinstance(attrs.get("repeats"), int):
+            return base, [x]
+        return None, []
+    if g.op(x) != "reshape":
+        return None, []
+    expanded = g.operands(x)[0]
+    if isinstance(expanded, Const) or g.op(expanded) != "expand":
+        return None, []
+    inserted = g.operands(expanded)[0]
+    if isinstance(inserted, Const):
+        return None, []
+    base = _unsqueezed_at_2(g, inserted)
+    if base is None:
+        return None, []
+    bv, ev = val(base), val(expanded)
+    if not isinstance(bv, TensorInfo) or not isinstance(ev, TensorInfo) or ev.ndim != 5:
+        return None, []
+    b, h, s, d = bv.shape
+    if tuple(ev.shape[:2]) != (b, h) or tuple(ev.shape[3:]) != (s, d) or xv.shape[1] != h * ev.shape[2]:
+        return None, []
+    return base, [x, expanded, inserted]
+
+
+def _unsqueezed_at_2(g, key):
+    op = g.op(key)
+    if op == "unsqueeze" and g.canon(key).attrs.get("dim") == 2:
+        return g.operands(key)[0]
+    if op == "getitem":
+        index = g.canon(key).attrs.get("index")
+        if isinstance(index, tuple) and len(index) == 5 and index[2] is None and all(
+                isinstance(i, slice) and i == slice(None) for j, i in enumerate(index) if j != 2):
+            return g.operands(key)[0]
+    return None
+
+
+def _check_shapes(g, q, k, v, k_transposed, gqa, match) -> str | None:
+    qv, kv, vv = val(origin(q)), val(origin(k)), val(origin(v))
+    if not all(isinstance(x, TensorInfo) for x in (qv, kv, vv)):
+        return "query, key or value has no recorded shape"
+    if qv.ndim < 3 or not (qv.ndim == kv.ndim == vv.ndim):
+        return f"query, key and value ranks {qv.ndim}, {kv.ndim}, {vv.ndim} are not one rank of at least 3"
+    if not (qv.dtype == kv.dtype == vv.dtype) or not qv.dtype.is_floating_point:
+        return "query, key and value dtypes differ"
+    k_shape = kv.shape[:-2] + (kv.shape[-1], kv.shape[-2]) if k_transposed else kv.shape
+    if qv.shape[-1] != k_shape[-1] or k_shape[-2] != vv.shape[-2]:
+        return "query, key and value sizes do not fit one attention"
+    batch_q, batch_k, batch_v = qv.shape[:-2], k_shape[:-2], vv.shape[:-2]
+    if gqa:
+        if qv.ndim != 4 or batch_k != batch_v or batch_q[1] % batch_k[1] or batch_q[0] != batch_k[0]:
+            return "grouped-query heads do not divide the query heads"
+    elif not (batch_q == batch_k == batch_v):
+        return "query, key and value batch sizes differ (broadcasting attention)"
+    product = val(origin(_qk_product(match)))
+    out = val(origin(match.root))
+    scores_in = val(origin(_softmax_of(g, match.root)))
+    probs = val(origin(g.operands(match.root)[0]))
+    if not all(isinstance(x, TensorInfo) for x in (product, scores_in, probs)):
+        return "scores have no recorded shape"
+    if probs.shape != product.shape or math.prod(scores_in.shape) != math.prod(product.shape):
+        return "the mask broadcasts the scores to a larger shape"
+    if isinstance(out, TensorInfo) and out.dtype != qv.dtype:
+        return f"attention output dtype {out.dtype} differs from the query's {qv.dtype}"
+    return None
+
+
+def _qk_product(match):
+    g = match.graph
+    steps = match.chains.get("chain", [])
+    key = g.operands(_softmax_of(g, match.root))[0] if not steps else g.operands(steps[-1][0])[steps[-1][1]]
+    key, _ = g.through_transparent(key)
+    return key
+
+
+def _proven_causal(plan: _Plan) -> bool:
+    """A mask built from sizes alone that equals the causal mask on the example: ``is_causal=True``."""
+    if not plan.program or plan.scale_terms:
+        return False
+    values = []
+    for term in plan.terms:
+        node = origin(term)
+        info = val(node)
+        if not node.meta.get("fxbt_shape_only") or not isinstance(info, TensorInfo) or info.value is None:
+            return False
+        values.append(info.value)
+    if any(step[0] == "reshape" for step in plan.program):
+        return False
+    try:
+        mask = build_mask(tuple(plan.program), tuple(values), torch.float32, ())
+    except Exception:
+        return False
+    if mask is None or mask.ndim < 2 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] < 2:
+        return False
+    n = mask.shape[-1]
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    return bool((mask[..., keep] == 0).all() and (mask[..., ~keep] <= MASKED).all())
+
+
+def _dropout_of(g, softmax, root) -> tuple[float, Any]:
+    """The dropout on the probabilities: (p, mode) with mode True/False (baked in) or "module"."""
+    probs = g.operands(root)[0]
+    while not isinstance(probs, Const) and probs != softmax:
+        if g.op(probs) == "dropout":
+            attrs = g.canon(probs).attrs
+            p = attrs.get("p") or 0.0
+            return (float(p), attrs.get("training")) if p else (0.0, False)
+        probs = g.operands(probs)[0]
+    return (0.0, False)
+
+
+# --- attention that already calls SDPA ----------------------------------------------------------
+
+
+def existing_sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def call_sdpa(q, k, v, mask, *, dropout_p, is_causal, scale, enable_gqa):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+def check_existing_sdpa(match) -> Accept | Decline:
+    node = origin(match.root)
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    given = {n: node.kwargs[n] if n in node.kwargs else (node.args[i] if len(node.args) > i else None)
+             for i, n in enumerate(names)}
+    scale = node.kwargs.get("scale")
+    if isinstance(scale, torch.fx.Node):
+        return Decline("scale is computed in the graph")
+    return Accept(
+        inputs={k: match.bindings[k] for k in ("q", "k", "v", "mask")},
+        params={"dropout_p": given["dropout_p"] or 0.0, "is_causal": bool(given["is_causal"]), "scale": scale,
+                "enable_gqa": bool(node.kwargs.get("enable_gqa", False))},
+        note="already SDPA",
+    )
+
+
+RULES = [
+    Rule("softmax_attention", softmax_attention, sdpa_attention, check_softmax_attention, kernel="sdpa"),
+    Rule("existing_sdpa", existing_sdpa, call_sdpa, check_existing_sdpa, kernel="sdpa"),
+]
