@@ -91,8 +91,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])
                 continue
             cap = Capture(gm, name, failures, flat_inputs)
-            if _has_cache_switch(model):
-                cap.notes.append("KV cache off while capturing")
+            if "use_cache" in inspect.signature(model.forward).parameters:
+                cap.notes.append("captured with use_cache=False: the graph returns no KV cache")
             return cap
     raise CaptureError(failures)
 
@@ -132,10 +132,6 @@ def _cache_off(model: torch.nn.Module):
     finally:
         for key, c in configs.items():
             c.use_cache = saved[key]
-
-
-def _has_cache_switch(model) -> bool:
-    return getattr(getattr(model, "config", None), "use_cache", None) is not None
 
 
 def _concrete_defaults(model, args, kwargs) -> tuple[list[str], dict[str, Any]]:

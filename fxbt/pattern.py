@@ -28,14 +28,21 @@ from .canon import CanonicalGraph
 from .errors import PatternError
 
 
+def _marker_call(marker, x):
+    """Inside a traced pattern a marker is one node of its own, however it was referenced."""
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", marker, (x,), {})
+    return x
+
+
 def chain(x):
     """Pattern marker: zero or more elementwise score modifiers (scale, add, masked_fill, where) on ``x``."""
-    return x
+    return _marker_call(chain, x)
 
 
 def views(x):
     """Pattern marker: zero or more reshapes of ``x`` (``view``/``reshape`` between equal element counts)."""
-    return x
+    return _marker_call(views, x)
 
 
 MARKERS = {"chain": chain, "views": views}
@@ -105,11 +112,6 @@ def _check_signatures(rule: Rule) -> None:
         )
 
 
-class _PatternTracer(torch.fx.Tracer):
-    def __init__(self):
-        super().__init__(autowrap_functions=tuple(MARKERS.values()))
-
-
 @dataclass
 class PatternGraph:
     """A traced pattern in the canonical view: wildcards (the arguments) and the op tree above them."""
@@ -122,7 +124,7 @@ class PatternGraph:
     @classmethod
     def trace(cls, fn: Callable, name: str) -> "PatternGraph":
         try:
-            graph = _PatternTracer().trace(fn)
+            graph = torch.fx.Tracer().trace(fn)
         except Exception as e:
             raise PatternError(f"pattern {name!r} could not be traced by torch.fx: {e}") from None
         canon = CanonicalGraph(None, graph)

@@ -269,21 +269,22 @@ def _unbroadcast(plan, g, key):
     return key
 
 
-def _apply_scale(plan: _Plan, factor) -> None:
-    """A scale on the scores scales what was added before it, and the global scale."""
+def _apply_scale(plan: _Plan, factor, on_scores=True) -> None:
+    """A scale on the scores scales what was added before it, and the global scale; one on Q or K
+    (``on_scores=False``) only the global scale."""
     inverse = isinstance(factor, tuple) and factor[0] == "inv"
     value = factor[1] if inverse else factor
     if isinstance(value, (int, float)):
         number = 1.0 / value if inverse else float(value)
         plan.scale *= number
-        if plan.program:
+        if plan.program and on_scores:
             plan.program.append(("scale", number, 1))
         return
     # a run-time scalar (computed from a size, say): a term of the scale, and of the mask if one came before
     power = -1 if inverse else 1
     plan.scale_terms.append(value)
     plan.scale_powers.append(power)
-    if plan.program:
+    if plan.program and on_scores:
         plan.program.append(("scale", plan.term(value), power))
 
 
@@ -341,7 +342,7 @@ def _peel_scale(plan, g, q, inside):
         factor, reason = _scalar(plan, g, other)
         if reason or isinstance(x, Const):
             break
-        _apply_scale(plan, ("inv", factor) if g.op(q) == "div" else factor)
+        _apply_scale(plan, ("inv", factor) if g.op(q) == "div" else factor, on_scores=False)
         inside.add(origin(q))
         plan.absorb.append(q)
         q = x
@@ -474,7 +475,7 @@ def _qk_product(match):
 
 def _proven_causal(plan: _Plan) -> bool:
     """A mask built from sizes alone that equals the causal mask on the example: ``is_causal=True``."""
-    if not plan.program or plan.scale_terms:
+    if not plan.program:
         return False
     values = []
     for term in plan.terms:

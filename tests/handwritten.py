@@ -1,0 +1,201 @@
+"""Hand-written attention in the styles people actually write, and near-miss twins that are not attention.
+
+Every module takes ``x`` [batch, seq, dim] and an optional ``mask`` [batch, seq] (1 = real token).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DIM, HEADS = 32, 4
+
+
+class BmmMaskedFill(nn.Module):
+    """Separate projections, (batch·heads) layout with bmm, division by sqrt(d), boolean masked_fill -inf."""
+
+    def __init__(self, causal=False):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM) for _ in range(3))
+        self.o = nn.Linear(DIM, DIM)
+        self.causal = causal
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        h, d = HEADS, DIM // HEADS
+
+        def split(t):
+            return t.view(b, s, h, d).transpose(1, 2).reshape(b * h, s, d)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(d)
+        keep = mask[:, None, :].expand(b, h, s).reshape(b * h, 1, s).bool()
+        scores = scores.masked_fill(~keep, float("-inf"))
+        out = torch.bmm(F.softmax(scores, dim=-1), v)
+        return self.o(out.view(b, h, s, d).transpose(1, 2).reshape(b, s, DIM))
+
+
+class EinsumFusedQKV(nn.Module):
+    """One fused QKV projection split by chunk, einsum products, multiplication by the scale, additive mask."""
+
+    fx_traceable = False  # unpacks a Proxy: plain fx cannot trace it, dynamo can
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM, bias=False)
+        self.o = nn.Linear(DIM, DIM, bias=False)
+        self.scale = (DIM // HEADS) ** -0.5
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, HEADS, -1).permute(0, 2, 1, 3) for t in self.qkv(x).chunk(3, dim=-1))
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.scale
+        scores = scores + (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        probs = scores.softmax(dim=-1)
+        out = torch.einsum("bhqk,bhkd->bhqd", probs, v)
+        return self.o(out.permute(0, 2, 1, 3).reshape(b, s, DIM))
+
+
+class NanoGPTCausal(nn.Module):
+    """nanoGPT: fused qkv split by slicing, Q scaled before the product, causal ``tril`` buffer, upcast softmax."""
+
+    fx_traceable = False  # slices a buffer with traced sizes
+
+    def __init__(self, max_len=64):
+        super().__init__()
+        self.c_attn = nn.Linear(DIM, 3 * DIM)
+        self.c_proj = nn.Linear(DIM, DIM)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x, mask=None):
+        b, t, c = x.shape
+        qkv = self.c_attn(x)
+        q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
+        q = q.view(b, t, HEADS, c // HEADS).transpose(1, 2) * (1.0 / math.sqrt(c // HEADS))
+        k = k.view(b, t, HEADS, c // HEADS).transpose(1, 2)
+        v = v.view(b, t, HEADS, c // HEADS).transpose(1, 2)
+        att = q @ k.transpose(-2, -1)
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        att = F.softmax(att.float(), dim=-1).type_as(q)
+        y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
+        return self.c_proj(y)
+
+
+class SplitScaleWhere(nn.Module):
+    """Scale split across Q and K (d**-0.25 each), ``where`` with the dtype minimum, arange causal + padding."""
+
+    fx_traceable = False  # torch.finfo of a traced dtype
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM, bias=False) for _ in range(3))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        d = DIM // HEADS
+        q = self.q(x).view(b, s, HEADS, d).permute(0, 2, 1, 3) * d**-0.25
+        k = self.k(x).view(b, s, HEADS, d).permute(0, 2, 3, 1) * d**-0.25  # K stored transposed
+        v = self.v(x).view(b, s, HEADS, d).permute(0, 2, 1, 3)
+        pos = torch.arange(s, device=x.device)
+        keep = (pos[None, :] <= pos[:, None])[None, None] & mask[:, None, None, :].bool()
+        scores = torch.where(keep, q @ k, torch.finfo(x.dtype).min)
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, DIM)
+
+
+class GroupedQuery(nn.Module):
+    """Grouped-query attention: 2 key/value heads repeated with repeat_interleave for 4 query heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(DIM, DIM, bias=False)
+        self.kv = nn.Linear(DIM, DIM, bias=False)  # 2 heads of 8 for K and for V
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        d = DIM // HEADS
+        q = self.q(x).view(b, s, HEADS, d).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, 2, d).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)
+        scores = scores + torch.zeros_like(mask, dtype=x.dtype).masked_fill(mask == 0, -1e9)[:, None, None, :]
+        return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(b, s, DIM)
+
+
+STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery]
+
+
+# --- near misses: they look like attention, and are not (or not rewritable as SDPA) -----------------
+
+
+class SoftmaxOverQueries(BmmMaskedFill):
+    """Softmax over the wrong axis."""
+
+    def forward(self, x, mask):
+        q = k = v = self.q(x)
+        return torch.matmul(torch.softmax(q @ k.transpose(-2, -1), dim=-2), v)
+
+
+class ReturnsProbabilities(nn.Module):
+    """The probabilities are an output too (SDPA never materialises them)."""
+
+    def forward(self, x, mask):
+        probs = torch.softmax(x @ x.transpose(-2, -1), dim=-1)
+        return probs @ x, probs
+
+
+class TensorScale(nn.Module):
+    """A per-head learned temperature: the scale is a tensor, SDPA's is a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(HEADS, 1, 1))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q = x.view(b, s, HEADS, -1).transpose(1, 2)
+        return torch.softmax((q @ q.transpose(-2, -1)) * self.temperature, dim=-1) @ q
+
+
+class MultiplicativeMask(nn.Module):
+    """Scores multiplied by the mask: not an additive or boolean mask."""
+
+    def forward(self, x, mask):
+        scores = (x @ x.transpose(-2, -1)) * mask[:, None, :].to(x.dtype)
+        return torch.softmax(scores, dim=-1) @ x
+
+
+class FillWithZero(nn.Module):
+    """Masked scores set to 0, which keeps them in the softmax."""
+
+    def forward(self, x, mask):
+        scores = (x @ x.transpose(-2, -1)).masked_fill(mask[:, None, :] == 0, 0.0)
+        return torch.softmax(scores, dim=-1) @ x
+
+
+class ReweightedProbabilities(nn.Module):
+    """Probabilities changed after the softmax (talking-heads style): not SDPA."""
+
+    def forward(self, x, mask):
+        probs = torch.softmax(x @ x.transpose(-2, -1), dim=-1)
+        return (probs * 2.0) @ x
+
+
+NEAR_MISSES = {
+    SoftmaxOverQueries: None,  # no match at all
+    ReturnsProbabilities: "attention probabilities are also returned",
+    TensorScale: "scale is a",
+    MultiplicativeMask: "scale is a tensor",
+    FillWithZero: "not to a large negative constant",
+    ReweightedProbabilities: None,
+}
+
+
+def inputs(batch=2, seq=7, pad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, DIM, generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad and batch > 1:
+        mask[1, seq // 2:] = 0
+    return x, mask

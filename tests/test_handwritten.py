@@ -1,0 +1,71 @@
+"""Hand-written attention in several code styles is rewritten; near-miss twins are left alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxbt
+import handwritten as hw
+from conftest import identical, max_error
+
+
+@pytest.mark.parametrize("frontend", ["dynamo", "fx"])
+@pytest.mark.parametrize("style", hw.STYLES, ids=lambda c: c.__name__)
+def test_style_is_rewritten_and_exact(style, frontend):
+    torch.manual_seed(0)
+    model = style().eval()
+    if frontend == "fx" and not getattr(style, "fx_traceable", True):
+        with pytest.raises(fxbt.CaptureError, match="- fx: "):
+            fxbt.optimize(model, hw.inputs(), frontend=frontend)
+        return
+    gm = fxbt.optimize(model, hw.inputs(), frontend=frontend)
+    report = fxbt.report(gm)
+    assert report.frontend == frontend
+    assert len(report.rewritten("sdpa")) == 1, str(report)
+    for batch, seq in [(3, 11), (1, 1), (2, 30)]:
+        x, mask = hw.inputs(batch, seq, seed=batch + seq)
+        with torch.no_grad():
+            assert max_error(model(x, mask), gm(x, mask)) < 1e-5
+            assert identical(fxbt.unroll(gm)(x, mask), model(x, mask))
+
+
+def test_grouped_query_uses_enable_gqa_without_repeating():
+    model = hw.GroupedQuery().eval()
+    gm = fxbt.optimize(model, hw.inputs())
+    region = next(m for _, m in fxbt.region.regions(gm))
+    assert region.params["gqa"] is True
+    k_shape = region.original.graph  # the repeated keys stay inside the region's original only
+    assert any(n.target == "repeat_interleave" for n in k_shape.nodes)
+    assert not any(n.target == "repeat_interleave" for n in gm.graph.nodes)
+
+
+def test_causal_tril_buffer_becomes_is_causal():
+    model = hw.NanoGPTCausal().eval()
+    gm = fxbt.optimize(model, hw.inputs(pad=False))
+    region = next(m for _, m in fxbt.region.regions(gm))
+    assert region.params["causal"] is True
+    assert fxbt.report(gm).rewritten("sdpa")[0].reason == "is_causal"
+
+
+def test_causal_plus_padding_is_not_claimed_causal():
+    gm = fxbt.optimize(hw.SplitScaleWhere().eval(), hw.inputs())
+    region = next(m for _, m in fxbt.region.regions(gm))
+    assert region.params["causal"] is False
+
+
+@pytest.mark.parametrize("twin", list(hw.NEAR_MISSES), ids=lambda c: c.__name__)
+def test_near_miss_is_left_alone(twin):
+    torch.manual_seed(0)
+    model = twin().eval()
+    x, mask = hw.inputs()
+    gm = fxbt.optimize(model, (x, mask))
+    report = fxbt.report(gm)
+    assert not report.rewritten(), str(report)
+    reason = hw.NEAR_MISSES[twin]
+    if reason is None:
+        assert not report.rows, str(report)
+    else:
+        assert any(reason in r.reason for r in report.rejected("sdpa")), str(report)
+    x2, mask2 = hw.inputs(3, 9, seed=5)
+    with torch.no_grad():
+        assert identical(gm(x2, mask2), model(x2, mask2))
