@@ -6,23 +6,27 @@ import torch.fx
 
 from . import registry
 from .capture import capture
-from .errors import FxbtError
+from .errors import FxbtError, InputError
 from .report import Report
 from .rewrite import apply_rules
 
 
-def optimize(model: torch.nn.Module, example_inputs, *, patterns=None, frontend: str | None = None
-             ) -> torch.fx.GraphModule:
+def optimize(model: torch.nn.Module, example_inputs, *, patterns=None, frontend: str | None = None,
+             encoder_impl: str = "auto") -> torch.fx.GraphModule:
     """Capture ``model`` on ``example_inputs`` and rewrite attention and encoder blocks.
 
     Returns a GraphModule called like ``model`` (same arguments, same output type) that works for
     other batch sizes and sequence lengths. ``fxbt.report(gm)`` says what was rewritten and why not.
+    ``encoder_impl`` picks how fused encoder blocks run: "auto" (the faster one measured per device),
+    "dense" (real tokens gathered into one matrix) or "fused" (torch's fused encoder kernel).
     """
+    if encoder_impl not in ("auto", "dense", "fused"):
+        raise InputError(f"encoder_impl must be 'auto', 'dense' or 'fused', got {encoder_impl!r}")
     rules = registry.select(patterns)
     captured = capture(model, example_inputs, frontend)
     gm = captured.gm
     report = Report(captured.frontend, captured.failures, captured.notes)
-    apply_rules(gm, rules, report)
+    apply_rules(gm, rules, report, {"encoder_impl": encoder_impl})
     gm.fxbt_report = report
     return gm
 

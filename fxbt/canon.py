@@ -226,7 +226,7 @@ def _layer_norm(node, a):
     shape = _arg(node, 1, "normalized_shape")
     w, b = _arg(node, 2, "weight"), _arg(node, 3, "bias")
     eps = _arg(node, 4, "eps", 1e-5)
-    return CanonOp("layer_norm", [_operand(a[0]), _operand(w), _operand(b)], {"eps": eps, "shape": tuple(shape or ())})
+    return CanonOp("layer_norm", [_operand(a[0]), _operand(w), _operand(b)], {"eps": eps, "shape": shape})
 
 
 def _gelu(node, a):
@@ -234,14 +234,11 @@ def _gelu(node, a):
 
 
 def _sdpa(node, a):
+    """Only arguments the call gives are attributes: a pattern that leaves them out does not constrain them."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     args = [_arg(node, i, n) for i, n in enumerate(names)]
-    attrs = {
-        "dropout_p": args[4] or 0.0,
-        "is_causal": bool(args[5]),
-        "scale": node.kwargs.get("scale"),
-        "enable_gqa": node.kwargs.get("enable_gqa", False),
-    }
+    attrs = {"dropout_p": args[4], "is_causal": args[5], "scale": node.kwargs.get("scale"),
+             "enable_gqa": node.kwargs.get("enable_gqa")}
     return CanonOp("sdpa", [_operand(x) for x in args[:4]], attrs)
 
 
@@ -357,6 +354,9 @@ _METHODS: dict[str, Callable] = {
 
 
 def _module_canon(module: torch.nn.Module, node) -> CanonOp | None:
+    region_view = getattr(module, "canonical_view", None)
+    if region_view is not None:  # a region already rewritten: it shows the op it computes
+        return region_view(node)
     x = _operand(node.args[0]) if node.args else None
     if isinstance(module, torch.nn.Linear):
         return CanonOp("linear", [x, Const(module.weight), Const(module.bias)], {"weight_layout": "out_in"})
@@ -407,8 +407,9 @@ def _canonical_op(node: torch.fx.Node, gm: torch.nn.Module | None) -> CanonOp:
 class CanonicalGraph:
     """The canonical view of an FX graph, as a networkx DiGraph of keys (FX nodes or `Virtual`)."""
 
-    def __init__(self, gm: torch.fx.GraphModule | None, graph: torch.fx.Graph | None = None):
+    def __init__(self, gm: torch.fx.GraphModule | None, graph: torch.fx.Graph | None = None, options=None):
         self.gm = gm
+        self.options = dict(options or {})
         self.graph = graph if graph is not None else gm.graph
         self.nx = nx.DiGraph()
         self.by_op: dict[str, list] = {}

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
+from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
 
@@ -204,10 +204,10 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
     """Give every frontend's graph one convention: flat tensor inputs, flat outputs, pytree codegen.
 
     Returns the example inputs flattened in the order of the graph's placeholders."""
-    if frontend == "dynamo":
-        flat_inputs = pytree.tree_leaves((args, kwargs))
-    else:
-        flat_inputs = _flatten_graph_io(gm, model, args, kwargs, reference)
+    if frontend != "dynamo":  # dynamo already has one placeholder per leaf of (args, kwargs), in order
+        _flatten_graph_io(gm, model, args, kwargs, reference)
+    flat_inputs = pytree.tree_leaves((args, kwargs))
+    install_drop_in(gm, CallSpec.of(model, args, kwargs), _out_spec(gm, reference))
     gm.train(model.training)  # a new GraphModule starts in training mode whatever the model's mode
     gm.meta = getattr(gm, "meta", {})
     for pos, node in enumerate(gm.graph.nodes):
@@ -215,34 +215,35 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
     return flat_inputs
 
 
-def _flatten_graph_io(gm, model, args, kwargs, reference) -> list:
+def _flatten_graph_io(gm, model, args, kwargs, reference) -> None:
+    """Placeholders become the leaves of the example's ``(args, kwargs)``, in order (an unused one for
+    each non-tensor input the tracer baked in); the output becomes the flat list of output leaves."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    tensor_names = [k for k, v in bound.items() if isinstance(v, torch.Tensor)]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    by_name = {n.target: n for n in placeholders}
-    for name, node in by_name.items():
-        if name not in tensor_names:
-            if node.users:
-                raise RuntimeError(f"input {name!r} is not a tensor in the example but the graph uses it")
-            gm.graph.erase_node(node)
+    order = [name for name, _ in zip(bound, args)] + list(kwargs)
+    if any(isinstance(bound[n], (tuple, list, dict)) for n in order):
+        raise RuntimeError("nested (tuple, list or dict) inputs are captured by the dynamo frontend only")
+    existing = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    body = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for name in order:
+        node = existing.pop(name, None)
+        if node is None:  # a non-tensor input the tracer made a constant: kept as an (unused) input
+            with gm.graph.inserting_before(body):
+                node = gm.graph.placeholder(f"{name}_value")
+        body.prepend(node)
+    for name, node in existing.items():
+        if node.users:
+            raise RuntimeError(f"the traced graph reads input {name!r}, which the example does not give")
+        gm.graph.erase_node(node)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     out_nodes, _ = pytree.tree_flatten(_as_plain(output.args[0]))
-    ref_leaves, out_spec = pytree.tree_flatten(reference)
-    if len(out_nodes) != len(ref_leaves):
-        raise RuntimeError(f"graph returns {len(out_nodes)} values, the model {len(ref_leaves)}")
+    if len(out_nodes) != len(pytree.tree_leaves(reference)):
+        raise RuntimeError(f"graph returns {len(out_nodes)} values, the model {len(pytree.tree_leaves(reference))}")
     output.args = (tuple(out_nodes),)
-    in_values = {k: bound[k] for k in tensor_names}
-    names = list(in_values)
-    in_spec = pytree.tree_structure(((), in_values))
-    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
-    # Keep placeholders in the order of the flattened inputs.
-    order = {name: i for i, name in enumerate(names)}
-    kept = sorted((n for n in gm.graph.nodes if n.op == "placeholder"), key=lambda n: order[n.target])
-    body = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    for node in kept:
-        body.prepend(node)
-    gm.recompile()
-    return [in_values[n.target] for n in kept]
+
+
+def _out_spec(gm, reference):
+    """The model's own output structure (a ModelOutput stays one)."""
+    return pytree.tree_structure(reference)
 
 
 def _as_plain(structure):

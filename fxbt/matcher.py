@@ -26,6 +26,8 @@ from .pattern import PatternGraph
 MARKER_OPS = {
     "chain": frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "float_cast", "reshape"}),
     "views": frozenset({"reshape"}),
+    # head split/merge; elementwise ops are let through so a check can name them (rotary embeddings)
+    "heads": frozenset({"reshape", "transpose", "permute", "mul", "add", "sub", "neg", "cat", "float_cast"}),
 }
 _CHAIN_LIMIT = 16
 
@@ -43,6 +45,11 @@ class Match:
 
     def nodes(self) -> set[torch.fx.Node]:
         return {origin(k) for k in self.keys}
+
+    @property
+    def options(self) -> dict:
+        """The options given to `fxbt.optimize` (checks read their own, e.g. ``encoder_impl``)."""
+        return self.graph.options
 
 
 class _State:
@@ -150,7 +157,9 @@ def _continuing_operands(g, t, op) -> tuple[int, ...]:
 
 
 def _attrs_fit(pattern_attrs: dict, model_attrs: dict) -> bool:
-    return all(v is None or model_attrs.get(k) == v for k, v in pattern_attrs.items())
+    """Pattern attributes left as None, ``...`` or a pattern argument are free; others must be equal."""
+    return all(v is None or v is Ellipsis or isinstance(v, torch.fx.Node) or _same_const(model_attrs.get(k), v)
+               for k, v in pattern_attrs.items())
 
 
 def _same_const(a, b) -> bool:

@@ -45,7 +45,12 @@ def views(x):
     return _marker_call(views, x)
 
 
-MARKERS = {"chain": chain, "views": views}
+def heads(x):
+    """Pattern marker: zero or more layout ops of ``x`` (view, transpose, permute) splitting or merging heads."""
+    return _marker_call(heads, x)
+
+
+MARKERS = {"chain": chain, "views": views, "heads": heads}
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Accept:
     params: dict[str, Any] = field(default_factory=dict)
     absorb: tuple = ()  # extra nodes (keys) that become part of the region
     note: str = ""
+    impl: str = ""  # which implementation runs, where a kernel has several (shown in the report)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Rule:
     kernel: str | None = None
     priority: int = 0  # lower runs first; rules of one priority share one pass
     fallback: Callable | None = None  # fallback(region, inputs) -> reason to run the original, or None
+    after_pass: Callable | None = None  # after_pass(gm, [(call node, Region)]): link regions of one pass
     defined_at: str = ""
     graph: "PatternGraph | None" = None
 

@@ -19,6 +19,10 @@ import torch.fx
 from .errors import RewriteError
 
 
+class UseOriginal(Exception):
+    """Raised by a replacement that finds, at run time, it cannot compute this call exactly."""
+
+
 class Region(torch.nn.Module):
     """One rewritten subgraph."""
 
@@ -39,11 +43,26 @@ class Region(torch.nn.Module):
         if reason:
             self.last_path = reason
             return self.original(*inputs)
-        self.last_path = "replacement"
         kwargs = {name: _slot_value(slot, inputs) for name, slot in self.slots.items()}
         if self.wants_training:
             kwargs["training"] = self.training
-        return self.replacement(**kwargs, **self.params)
+        try:
+            result = self.replacement(**kwargs, **self.params)
+        except UseOriginal as why:
+            self.last_path = str(why)
+            return self.original(*inputs)
+        self.last_path = "replacement"
+        return result
+
+    def canonical_view(self, node: torch.fx.Node):
+        """How the canonical graph sees this region: an SDPA region is an ``sdpa`` op on (q, k, v)."""
+        from .canon import CanonOp, Const
+
+        if self.kernel != "sdpa":
+            return None
+        operands = [node.args[self.slots[n].index] if self.slots[n].index is not None else Const(self.slots[n].value)
+                    for n in ("q", "k", "v")]
+        return CanonOp("sdpa", operands + [Const(None)], {"region": node.target})
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, kernel={self.kernel}"
@@ -82,6 +101,31 @@ _METADATA = ("dtype", "device")
 def reads_metadata_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
     """``getattr(node, "dtype" | "device")``: a use any tensor of that dtype and device can serve."""
     return user.op == "call_function" and user.target is getattr and user.args[0] is node and user.args[1] in _METADATA
+
+
+def absorb_size_computations(interior: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Add the outside nodes that compute sizes or other Python values from interior nodes and feed
+    only the interior (``t.size()[:-2] + (e,)`` building a view's shape): they go with the region."""
+    candidates: set[torch.fx.Node] = set()
+    frontier = [u for n in interior for u in n.users if u not in interior]
+    while frontier:
+        node = frontier.pop()
+        if node in candidates or node in interior or not _python_valued(node):
+            continue
+        candidates.add(node)
+        frontier.extend(node.users)
+    changed = True
+    while changed:  # keep only those whose every use ends up inside
+        changed = False
+        for node in list(candidates):
+            if not node.users or any(u not in interior and u not in candidates for u in node.users):
+                candidates.discard(node)
+                changed = True
+    return interior | candidates
+
+
+def _python_valued(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and not hasattr(node.meta.get("fxbt_val"), "shape")
 
 
 def escaping(interior: set[torch.fx.Node], root: torch.fx.Node) -> list[torch.fx.Node]:
@@ -185,6 +229,8 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             root[node.target] = _fetch(owner, node.target)
     out = torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
     out.meta = getattr(gm, "meta", {})
+    if hasattr(gm, "_fxbt_call"):
+        out._fxbt_call = gm._fxbt_call  # the calling convention the graph's code uses
     return out
 
 

@@ -6,7 +6,7 @@ import importlib
 from .errors import PatternError
 from .pattern import Rule
 
-BUILTIN_FAMILIES = ("attention",)
+BUILTIN_FAMILIES = ("attention", "encoder")
 _user_rules: dict[str, Rule] = {}
 
 

@@ -15,24 +15,26 @@ from .canon import CanonicalGraph, Const, origin
 from .errors import RewriteError
 from .matcher import Match, find_matches
 from .pattern import Accept, Decline, Rule
-from .region import Region, Slot, boundary, escaping, extract, install, metadata_stand_ins, rewire
+from .region import (Region, Slot, absorb_size_computations, boundary, escaping, extract, install,
+                     metadata_stand_ins, rewire)
 from .report import Report, Row
 
 log = logging.getLogger("fxbt")
 
 
-def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report) -> None:
+def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, options: dict | None = None) -> None:
     counter = itertools.count(len([m for m in gm.modules() if isinstance(m, Region)]))
     for _, group in itertools.groupby(sorted(rules, key=lambda r: r.priority), key=lambda r: r.priority):
-        _run_pass(gm, list(group), report, counter)
+        _run_pass(gm, list(group), report, counter, options or {})
         _lint(gm)
     gm.recompile()
 
 
-def _run_pass(gm, rules, report, counter) -> None:
-    graph = CanonicalGraph(gm)
+def _run_pass(gm, rules, report, counter, options) -> None:
+    graph = CanonicalGraph(gm, options=options)
     taken: set[torch.fx.Node] = set()
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    installed: dict[str, list[str]] = {}
     for rule in rules:
         for match in list(find_matches(rule.graph, graph)):
             if origin(match.root) in taken:
@@ -47,7 +49,12 @@ def _run_pass(gm, rules, report, counter) -> None:
             name = _install(gm, rule, match, interior, accept, stand_ins, replaced, next(counter))
             taken |= interior
             report.rows.append(Row(name, rule.name, rule.kernel, "rewritten", accept.note, report.frontend,
-                                   impl=accept.params.get("impl", ""), nodes=len(interior)))
+                                   impl=accept.impl, nodes=len(interior)))
+            installed.setdefault(rule.name, []).append(name)
+    for rule in rules:
+        if rule.after_pass is not None and rule.name in installed:
+            nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+            rule.after_pass(gm, [(nodes[name], gm.get_submodule(name)) for name in installed[rule.name]])
 
 
 def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept, dict]:
@@ -62,7 +69,7 @@ def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept,
     if isinstance(verdict, Decline):
         return verdict
     root = origin(match.root)
-    interior = match.nodes() | {origin(k) for k in verdict.absorb}
+    interior = absorb_size_computations(match.nodes() | {origin(k) for k in verdict.absorb})
     if interior & taken:
         return Decline("overlaps a region already rewritten in this pass")
     leaks = escaping(interior, root)
@@ -82,8 +89,7 @@ def _install(gm, rule, match, interior, accept, stand_ins, replaced, index) -> s
     slots = {name: _slot(value, position, replaced) for name, value in accept.inputs.items()}
     rewire(stand_ins)
     original = extract(gm, interior, root, inputs)
-    region = Region(rule.name, rule.kernel, original, rule.replacement, slots,
-                    {k: v for k, v in accept.params.items() if k != "impl"}, rule.fallback)
+    region = Region(rule.name, rule.kernel, original, rule.replacement, slots, dict(accept.params), rule.fallback)
     call = install(gm, region, interior, root, inputs, index)
     replaced[root] = call
     return call.target

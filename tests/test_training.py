@@ -24,7 +24,7 @@ def test_dropout_zero_training_outputs_and_gradients_equal():
     model.zero_grad()
     got = gm(**probe).last_hidden_state
     got_grads = _grads(model, got.square().mean())
-    assert all(r.last_path == "replacement" for _, r in regions(gm))
+    assert all(r.last_path == "replacement" for _, r in regions(gm) if r.kernel == "sdpa")
     assert (want - got).abs().max().item() < 1e-5
     assert want_grads.keys() == got_grads.keys() and len(want_grads) > 10
     for name in want_grads:

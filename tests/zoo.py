@@ -19,12 +19,17 @@ VOCAB = 99
 
 @dataclass(frozen=True)
 class Spec:
+    """A model from a config. ``encoder_blocks``: blocks the encoder fusion must fuse (None: not an
+    encoder test model); ``declined``: the reason its blocks are declined instead."""
+
     name: str
     model_type: str
     config: dict
     inputs: str  # "text", "text_causal", "seq2seq", "image", "audio", "whisper"
     attention_sites: int  # softmax attentions in the model
     model_class: str | None = None  # an Auto class other than AutoModel, or a model class name
+    encoder_blocks: int | None = None
+    declined: str | None = None
 
     def build(self, attn="eager", **overrides) -> torch.nn.Module:
         config = AutoConfig.for_model(self.model_type, **{**self.config, **overrides})
@@ -113,12 +118,35 @@ SPECS = {
         Spec("mistral", "mistral", dict(_LLAMA, sliding_window=None), "text_causal", L),
         Spec("clip-text", "clip_text_model", dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS,
                                                    intermediate_size=FF, **_DEC), "text", L, model_class="CLIPTextModel"),
+        Spec("deit", "deit", dict(_BERTISH, image_size=32, patch_size=8), "image", L),
+        Spec("wav2vec2", "wav2vec2", dict(_BERTISH, conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2),
+                                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                                          do_stable_layer_norm=False), "audio", L),
+        Spec("mbart", "mbart", _SEQ2SEQ, "seq2seq", 3 * L),
+        Spec("clip-vision", "clip_vision_model", dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS,
+                                                       intermediate_size=FF, image_size=32, patch_size=8),
+             "image", L, model_class="CLIPVisionModel"),
         Spec("whisper", "whisper", dict(d_model=H, encoder_layers=L, decoder_layers=L, encoder_attention_heads=HEADS,
                                         decoder_attention_heads=HEADS, encoder_ffn_dim=FF, decoder_ffn_dim=FF,
                                         vocab_size=VOCAB, num_mel_bins=8, max_source_positions=16,
                                         max_target_positions=32, decoder_start_token_id=1, **_TOKENS),
              "whisper", 3 * L),
     ]
+}
+
+
+# in the zoo for the encoder tests; the attention tests cover the architectures the attention issue lists
+ENCODER_ONLY = {"deit", "wav2vec2", "mbart", "clip-vision"}
+
+# encoder test models: name -> (config overrides, blocks to fuse or the reason they are declined)
+ENCODERS = {
+    "bert": ({}, L), "roberta": ({}, L), "xlm-roberta": ({}, L), "electra": ({}, L), "distilbert": ({}, L),
+    "vit": ({}, L), "deit": ({}, L), "wav2vec2": ({}, L), "bart": ({}, L), "mbart": ({}, L),
+    "albert": ({"hidden_act": "gelu"}, L),
+}
+ENCODER_DECLINED = {
+    "albert": ({}, "tanh approximation of gelu"),
+    "clip-vision": ({}, "quick-gelu"),
 }
 
 

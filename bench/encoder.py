@@ -1,0 +1,98 @@
+"""Encoder padding sweep: BERT-base (12 layers), batch 8, sequence 128, CPU fp32, inference.
+
+Every peer in one run, speedups as ratios against eager measured alongside:
+- eager: transformers' eager attention;       - hf_sdpa: transformers' own SDPA attention;
+- compile: torch.compile (inductor) of eager;   - fxbt: fxbt.optimize (default implementation);
+- fxbt_fused: fxbt with the fused-kernel implementation;
+- fxbt_inductor: fxbt's graph handed on to inductor (when --with-inductor);
+- bettertransformer: Optimum 1.23.3 + transformers 4.48.3 in bench/.venv-bettertransformer (its own
+  process, against its own eager baseline); skipped with a note when that venv is missing.
+
+    bash bench/setup_bettertransformer.sh    # once
+    python bench/encoder.py [--padding 0 0.25 0.5] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+from workloads import bert_base, bert_inputs  # noqa: E402
+
+import fxbt  # noqa: E402
+
+BT_PYTHON = HERE / ".venv-bettertransformer" / "bin" / "python"
+
+
+def bettertransformer(batch, seq, repeats, paddings) -> dict | None:
+    if not BT_PYTHON.exists():
+        return None
+    out = subprocess.run([str(BT_PYTHON), str(HERE / "bettertransformer_worker.py"), str(batch), str(seq),
+                          str(repeats), ",".join(map(str, paddings))], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def real_token_error(want, got, mask) -> float:
+    return ((want.last_hidden_state - got.last_hidden_state).abs() * mask[..., None]).max().item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--padding", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow first call)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    eager = bert_base("eager")
+    example = bert_inputs(2, 16, 0.25)
+    variants = {"eager": eager, "hf_sdpa": bert_base("sdpa"),
+                "fxbt": fxbt.optimize(eager, example),
+                "fxbt_fused": fxbt.optimize(eager, example, encoder_impl="fused")}
+    if not args.no_compile:
+        variants["compile"] = torch.compile(bert_base("eager"))
+    impl = fxbt.report(variants["fxbt"]).rewritten("fused_encoder")[0].impl
+    rows = []
+    for padding in args.padding:
+        x = bert_inputs(args.batch, args.seq, padding)
+        with torch.inference_mode():
+            want = eager(**x)
+            errors = {name: real_token_error(want, fn(**x), x["attention_mask"]) for name, fn in variants.items()}
+        times = harness.interleaved_medians({n: (lambda f=f: f(**x)) for n, f in variants.items()}, args.repeats)
+        rows.append({"padding": padding, "real_fraction": x["attention_mask"].float().mean().item(),
+                     "ms": {n: 1000 * t for n, t in times.items()},
+                     "speedup": {n: times["eager"] / t for n, t in times.items()}, "max_err": errors})
+    bt = bettertransformer(args.batch, args.seq, args.repeats, args.padding)
+    for row in rows:
+        if bt is not None:
+            t = bt["times"][str(row["padding"])]
+            row["speedup"]["bettertransformer"] = t["eager"] / t["bettertransformer"]
+            row["ms"]["bettertransformer (own eager)"] = 1000 * t["eager"]
+            row["ms"]["bettertransformer"] = 1000 * t["bettertransformer"]
+    print(f"BERT-base, batch {args.batch}, sequence {args.seq}, CPU fp32; {harness.machine()}")
+    print(f"fxbt default implementation: {impl}; BetterTransformer: "
+          f"{'transformers ' + bt['transformers'] if bt else 'not measured (run bench/setup_bettertransformer.sh)'}")
+    names = list(rows[0]["speedup"])
+    print(f"{'padding':>8} " + " ".join(f"{n:>17}" for n in names))
+    for row in rows:
+        print(f"{row['padding']:>8.2f} " + " ".join(f"{row['speedup'][n]:>16.2f}x" for n in names))
+    print("max abs error on real tokens vs eager: " + ", ".join(
+        f"{n} {max(r['max_err'][n] for r in rows):.1e}" for n in variants))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": harness.machine(), "impl": impl, "bettertransformer":
+                                        bt and bt["transformers"], "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+"""Transformer encoder blocks -> the fused encoder, with padding removed across the whole stack.
+
+Two patterns, post-norm (BERT) and pre-norm (mBART, ViT), written like the code they match. Attention
+is whatever the attention pass made of the model's attention (an SDPA region) or an SDPA call already
+in the model, so every attention form of that pass is covered:
+
+    def post_norm_encoder_block(x, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, act, w2, b2, g2, n2):
+        q, k, v = (heads(F.linear(x, w, b)) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        h = F.layer_norm(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo) + x, ...)
+        return F.layer_norm(F.linear(act, w2, b2) + h, ...)
+
+``act`` is left free in the pattern and read by the check, so a block with another activation is
+found, then declined with the reason ("tanh approximation of gelu", "quick-gelu").
+
+Two implementations compute a matched block; the report's ``impl`` column says which runs:
+
+- ``dense``: the real tokens of the batch gathered into one ``[tokens, hidden]`` matrix; projections,
+  LayerNorms and the feed-forward run as plain dense ops on it, attention per sequence through SDPA
+  with a key-padding mask. The CPU default (measured faster, see bench/encoder.py).
+- ``fused``: ``torch._transformer_encoder_layer_fwd`` on a nested tensor (BetterTransformer's kernel).
+
+Consecutive blocks are linked after the pass: the first gathers the real tokens, the last scatters
+them back to the original padded shape (padded positions are zeros), and nothing in between pays for
+padding. A block whose output is read by anything else (hidden states requested, say) ends the stack
+there, so no caller ever sees a packed or nested value. With gradients enabled, in training mode, or
+when the mask turns out at run time not to be a key-padding mask, a block runs its original subgraph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fxbt.canon import Const, TensorInfo, origin
+from fxbt.meta import is_size_query, val
+from fxbt.pattern import Accept, Decline, Rule, heads
+from fxbt.region import UseOriginal
+
+from .attention import MASKED, build_mask
+
+DEFAULT_IMPL = {"cpu": "dense", "cuda": "fused"}
+WEIGHTS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "g1", "n1", "w1", "b1", "w2", "b2", "g2", "n2")
+
+
+# --- patterns -----------------------------------------------------------------------------------
+
+
+def post_norm_encoder_block(x, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, act, w2, b2, g2, n2):
+    q = heads(F.linear(x, wq, bq))
+    k = heads(F.linear(x, wk, bk))
+    v = heads(F.linear(x, wv, bv))
+    h = F.layer_norm(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo) + x, ..., g1, n1, ...)
+    return F.layer_norm(F.linear(act, w2, b2) + h, ..., g2, n2, ...)
+
+
+def pre_norm_encoder_block(x, g1, n1, wq, bq, wk, bk, wv, bv, wo, bo, act, w2, b2):
+    n = F.layer_norm(x, ..., g1, n1, ...)
+    q = heads(F.linear(n, wq, bq))
+    k = heads(F.linear(n, wk, bk))
+    v = heads(F.linear(n, wv, bv))
+    h = F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo) + x
+    return F.linear(act, w2, b2) + h
+
+
+# --- the packed representation ----------------------------------------------------------------
+
+
+@dataclass
+class Packed:
+    """The real tokens of a padded batch: ``tokens`` [T, E] in row-major order of ``keep`` [B, S]."""
+
+    tokens: torch.Tensor | None  # dense impl
+    nested: torch.Tensor | None  # fused impl
+    keep: torch.Tensor
+    index: torch.Tensor  # [T] flat positions of the real tokens in B*S
+    padded_shape: tuple  # (B, S, E)
+    _lengths: list | None = None  # real tokens per sequence, computed once per stack
+
+    # Size, rank, dtype and device queries answer for the padded tensor this stands for: graphs read
+    # them between blocks (the HF tracer's ``hidden_states.size()``).
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.padded_shape)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.padded_shape)
+
+    ndim = property(dim)
+
+    @property
+    def dtype(self):
+        return self.flat().dtype
+
+    @property
+    def device(self):
+        return self.keep.device
+
+    def lengths(self) -> list[int]:
+        if self._lengths is None:
+            self._lengths = self.keep.sum(1).tolist()
+        return self._lengths
+
+    def flat(self) -> torch.Tensor:
+        if self.tokens is not None:
+            return self.tokens
+        return torch.cat(self.nested.unbind()) if self.nested.numel() else self.nested.values()
+
+    def unpack(self) -> torch.Tensor:
+        b, s, e = self.padded_shape
+        out = self.keep.new_zeros((b * s, e), dtype=self.flat().dtype)
+        return out.index_copy_(0, self.index, self.flat()).view(b, s, e)
+
+
+def key_padding(spec, mask_terms, x) -> torch.Tensor | None:
+    """keep [B, S] from the model's own mask, or None when every token is real; UseOriginal if it is
+    not a key-padding mask after all."""
+    b, s, _ = x.shape
+    mask = build_mask(spec.program, mask_terms, torch.float32, (b, 1, s, s))
+    if mask is None:
+        return None
+    mask = mask.expand(b, 1, s, s) if mask.dim() == 4 else mask
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise UseOriginal("the attention mask differs per head")
+    row = mask[:, 0, :1, :]
+    if mask.shape[2] != 1 and not torch.equal(mask[:, 0], row.expand_as(mask[:, 0])):
+        raise UseOriginal("the attention mask differs per query: not a key-padding mask")
+    keep = row[:, 0] == 0
+    if not bool(((row[:, 0] == 0) | (row[:, 0] <= MASKED)).all()):
+        raise UseOriginal("the attention mask has values other than 0 and a large negative number")
+    return None if bool(keep.all()) else keep
+
+
+def pack(x: torch.Tensor, keep: torch.Tensor, impl: str) -> Packed:
+    b, s, e = x.shape
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    tokens = x.reshape(b * s, e).index_select(0, index)
+    if impl == "dense":
+        return Packed(tokens, None, keep, index, (b, s, e))
+    lengths = keep.sum(1).tolist()
+    return Packed(None, torch.nested.nested_tensor(list(tokens.split(lengths))), keep, index, (b, s, e), lengths)
+
+
+# --- the replacement ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    heads: int
+    eps: float
+    activation: str  # "gelu" or "relu"
+    norm_first: bool
+    program: tuple  # the attention mask program (see patterns/attention.py)
+    scale: float
+
+
+class QKVPack:
+    """One [3E, E] weight for Q, K and V, with the model's Q, K and V weights made views into it, so the
+    packed weight costs no memory. If something replaces the weights' storage later (``.to()``), the
+    pack is rebuilt and the views restored on the next call."""
+
+    def __init__(self):
+        self.weight = None
+
+    def get(self, wq, wk, wv) -> torch.Tensor:
+        if not self._intact(wq, wk, wv):
+            with torch.no_grad():
+                packed = torch.cat([wq, wk, wv])
+                n = wq.shape[0]
+                for i, w in enumerate((wq, wk, wv)):
+                    w.data = packed[i * n:(i + 1) * n]
+            self.weight = packed
+        return self.weight
+
+    def _intact(self, wq, wk, wv) -> bool:
+        w = self.weight
+        if w is None or w.device != wq.device or w.dtype != wq.dtype:
+            return False
+        step = wq.numel() * wq.element_size()
+        return all(t.data_ptr() == w.data_ptr() + i * step for i, t in enumerate((wq, wk, wv)))
+
+    def __deepcopy__(self, memo):
+        return QKVPack()  # a copy packs its own (copied) weights on first use
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.weight = None
+
+
+def encoder_block(x, mask_terms=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2,
+                  spec: BlockSpec, impl: str, pack_qkv: QKVPack, emit_packed: bool = False, training=False):
+    if training:
+        raise UseOriginal("training mode")
+    weights = (wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2)
+    if torch.is_grad_enabled() and any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights):
+        raise UseOriginal("gradients enabled: call under torch.inference_mode() or torch.no_grad()")
+    e = x.shape[-1]
+    if impl == "auto":
+        impl = DEFAULT_IMPL.get(_device(x).type, "dense")
+    if isinstance(x, Packed):
+        packed = x
+    else:
+        keep = key_padding(spec, mask_terms, x)
+        packed = pack(x, keep, impl) if keep is not None else Packed(
+            x.reshape(-1, e) if impl == "dense" else None, None if impl == "dense" else x, None, None, tuple(x.shape))
+    qkv_w = pack_qkv.get(wq, wk, wv)
+    qkv_b = torch.cat([_bias(bq, wq), _bias(bk, wk), _bias(bv, wv)])
+    params = dict(qkv_w=qkv_w, qkv_b=qkv_b, wo=wo, bo=_bias(bo, wo), g1=_ones(g1, e, x), n1=_zeros(n1, e, x),
+                  w1=w1, b1=_bias(b1, w1), w2=w2, b2=_bias(b2, w2), g2=_ones(g2, e, x), n2=_zeros(n2, e, x))
+    out = _dense_block(packed, spec, params) if impl == "dense" else _fused_block(packed, spec, params)
+    if emit_packed and packed.keep is not None:
+        return out
+    if packed.keep is None:
+        if impl == "dense":
+            return out.tokens.view(packed.padded_shape)
+        return out.nested
+    return out.unpack()
+
+
+def _device(x):
+    return x.keep.device if isinstance(x, Packed) else x.device
+
+
+def _bias(b, w):
+    return b if isinstance(b, torch.Tensor) else w.new_zeros(w.shape[0])
+
+
+def _ones(g, e, x):
+    return g if isinstance(g, torch.Tensor) else torch.ones(e, dtype=_dtype(x), device=_device(x))
+
+
+def _zeros(n, e, x):
+    return n if isinstance(n, torch.Tensor) else torch.zeros(e, dtype=_dtype(x), device=_device(x))
+
+
+def _dtype(x):
+    return x.flat().dtype if isinstance(x, Packed) else x.dtype
+
+
+def _dense_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
+    t = packed.tokens
+    e = t.shape[-1]
+    act = F.gelu if spec.activation == "gelu" else F.relu
+    if spec.norm_first:
+        a = _dense_attention(F.linear(F.layer_norm(t, (e,), p["g1"], p["n1"], spec.eps), p["qkv_w"], p["qkv_b"]),
+                             packed, spec)
+        h = t + F.linear(a, p["wo"], p["bo"])
+        out = h + F.linear(act(F.linear(F.layer_norm(h, (e,), p["g2"], p["n2"], spec.eps), p["w1"], p["b1"])),
+                           p["w2"], p["b2"])
+    else:
+        a = _dense_attention(F.linear(t, p["qkv_w"], p["qkv_b"]), packed, spec)
+        h = F.layer_norm(t + F.linear(a, p["wo"], p["bo"]), (e,), p["g1"], p["n1"], spec.eps)
+        out = F.layer_norm(h + F.linear(act(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"]), (e,), p["g2"], p["n2"],
+                           spec.eps)
+    return Packed(out, None, packed.keep, packed.index, packed.padded_shape, packed._lengths)
+
+
+def _dense_attention(qkv: torch.Tensor, packed: Packed, spec: BlockSpec) -> torch.Tensor:
+    """Attention per sequence at its true length: a sequence's tokens are contiguous rows of ``qkv``, so
+    each one is a slice; no mask, no padded grid, and cost in the sum of squared lengths."""
+    b, s, e = packed.padded_shape
+    d = e // spec.heads
+    if packed.keep is None:
+        q, k, v = qkv.view(b, s, 3, spec.heads, d).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, scale=spec.scale).transpose(1, 2).reshape(b * s, e)
+    outs = []
+    for rows in qkv.split(packed.lengths()):
+        if rows.shape[0] == 0:
+            continue
+        q, k, v = rows.view(1, -1, 3, spec.heads, d).permute(2, 0, 3, 1, 4)
+        outs.append(F.scaled_dot_product_attention(q, k, v, scale=spec.scale).transpose(1, 2).reshape(-1, e))
+    return torch.cat(outs) if outs else qkv.new_zeros(0, e)
+
+
+def _fused_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
+    src = packed.nested
+    out = torch._transformer_encoder_layer_fwd(
+        src, packed.padded_shape[-1], spec.heads, p["qkv_w"], p["qkv_b"], p["wo"], p["bo"], spec.activation == "gelu",
+        spec.norm_first, spec.eps, p["g1"], p["n1"], p["g2"], p["n2"], p["w1"], p["b1"], p["w2"], p["b2"], None, None)
+    return Packed(None, out, packed.keep, packed.index, packed.padded_shape, packed._lengths)
+
+
+def link_stack(gm, installed) -> None:
+    """Let each block hand its packed tokens straight to the next one when nothing else reads them."""
+    by_node = dict(installed)
+    for node, region in installed:
+        users = [u for u in node.users if not is_size_query(u)]  # sizes: a packed value answers those
+        if len(users) != 1 or users[0] not in by_node:
+            continue
+        nxt_node, nxt = users[0], by_node[users[0]]
+        if nxt.params["impl"] != region.params["impl"] or nxt_node.args[nxt.slots["x"].index] is not node:
+            continue
+        if _mask_inputs(node, region) != _mask_inputs(nxt_node, nxt) or nxt.params["spec"].program != \
+                region.params["spec"].program:
+            continue
+        region.params["emit_packed"] = True
+
+
+def _mask_inputs(node, region):
+    return tuple(node.args[i] if isinstance(i, int) else i for i in region.slots["mask_terms"].index)
+
+
+# --- the check ----------------------------------------------------------------------------------
+
+
+def check_post_norm(match):
+    return _check(match, norm_first=False)
+
+
+def check_pre_norm(match):
+    return _check(match, norm_first=True)
+
+
+def _check(match, norm_first: bool):
+    g = match.graph
+    b = match.bindings
+    x = b["x"]
+    xv = val(origin(x)) if not isinstance(x, Const) else None
+    if not isinstance(xv, TensorInfo) or xv.ndim != 3:
+        return Decline("the block input is not a [batch, sequence, hidden] tensor")
+    e = xv.shape[-1]
+    attention = _attention_region(match)
+    if isinstance(attention, Decline):
+        return attention
+    node, region = attention
+    reason = _check_attention(region, e)
+    if reason:
+        return Decline(reason)
+    if _per_head_mask(node, region):
+        return Decline("the mask differs per head (a position bias?): not a key-padding mask")
+    n_heads = val(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0])).shape[1]
+    reason = _check_layouts(match, n_heads, e)
+    if reason:
+        return Decline(reason)
+    norms = sorted((k for k in match.keys if g.op(k) == "layer_norm"), key=lambda k: origin(k).meta["fxbt_pos"])
+    linear1, activation, act_nodes = _feed_forward(match, norms, norm_first)
+    if isinstance(activation, Decline):
+        return activation
+    if activation not in ("gelu", "relu"):
+        return Decline(activation)
+    second_norm = _second_norm(g, linear1) if norm_first else None
+    all_norms = norms + ([second_norm] if second_norm is not None else [])
+    eps = {g.canon(k).attrs.get("eps") for k in all_norms}
+    if len(eps) != 1:
+        return Decline(f"the two LayerNorm eps differ ({', '.join(map(str, sorted(eps)))})")
+    if any(tuple(val(origin(k)).shape[-1:]) != (e,) for k in all_norms):
+        return Decline("a LayerNorm does not normalise the hidden size")
+    weights = _weights(match, linear1, all_norms, norm_first)
+    if isinstance(weights, Decline):
+        return weights
+    spec = BlockSpec(n_heads, float(eps.pop()), activation, norm_first, _mask_program(node, region),
+                     1.0 / math.sqrt(e // n_heads))
+    inputs = {"x": x, "mask_terms": _mask_terms(node, region)}
+    inputs.update(weights)
+    impl = match.options.get("encoder_impl", "auto")
+    absorb = tuple(act_nodes) + (linear1,) + ((second_norm,) if second_norm is not None else ())
+    note = "runs the original subgraph with gradients enabled or in training mode"
+    return Accept(inputs, {"spec": spec, "impl": impl, "pack_qkv": QKVPack()}, absorb=absorb, note=note,
+                  impl=impl if impl != "auto" else f"auto ({', '.join(f'{d}: {i}' for d, i in DEFAULT_IMPL.items())})")
+
+
+def _attention_region(match):
+    g = match.graph
+    key = next(k for k in match.keys if g.op(k) == "sdpa")
+    name = g.canon(key).attrs.get("region")
+    if name is None:
+        return Decline("attention is an SDPA call that was not recognised as attention")
+    return origin(key), g.gm.get_submodule(name)
+
+
+def _check_attention(region, e) -> str | None:
+    p = region.params
+    if region.rule == "existing_sdpa":
+        if p["is_causal"]:
+            return "attention is causal: an encoder block attends to every token"
+        if p["scale"] is not None:
+            return "attention scale is not 1/sqrt(head size)"
+        return None
+    if p.get("k_transposed") or p.get("gqa"):
+        return "keys are not in the [batch, heads, seq, head] layout the fused kernel reads"
+    if p.get("causal"):
+        return "attention is causal: an encoder block attends to every token"
+    if p.get("scale_terms") or p.get("scale_powers"):
+        return "attention scale is computed at run time"
+    if any(step[0] == "reshape" for step in p.get("program", ())):
+        return "the mask is reshaped with the scores"
+    return None
+
+
+def _per_head_mask(node, region) -> bool:
+    """A mask term with a head dimension: a position bias, not a key-padding mask."""
+    for term in _mask_terms(node, region):
+        info = val(term) if isinstance(term, torch.fx.Node) else None
+        if isinstance(info, TensorInfo) and info.ndim == 4 and info.shape[1] != 1:
+            return True
+    return False
+
+
+def _mask_program(node, region) -> tuple:
+    """The attention's mask as a mask program; an SDPA call's mask is one boolean or additive term."""
+    if region.rule != "existing_sdpa":
+        return region.params.get("program", ())
+    mask = _mask_terms(node, region)
+    if not mask:
+        return ()
+    info = val(mask[0])
+    return (("keep", ("term", 0), float("-inf")),) if info.dtype == torch.bool else (("add", ("term", 0), 1.0),)
+
+
+def _mask_terms(node, region):
+    slot = region.slots["mask"] if "mask" in region.slots else region.slots["mask_terms"]
+    if region.rule == "existing_sdpa":
+        return (node.args[slot.index],) if slot.index is not None else ()
+    return tuple(node.args[i] if isinstance(i, int) else i for i in slot.index)
+
+
+def _check_layouts(match, n_heads, e) -> str | None:
+    """The head split of Q, K and V and the merge after attention are exactly the standard ones."""
+    g = match.graph
+    for name, steps in match.chains.items():
+        ops = {g.op(k) for k, _ in steps}
+        if ops & {"mul", "add", "sub", "neg", "cat"}:
+            return "a position encoding (rotary?) is applied to the queries or keys inside the block"
+    sdpa = next(k for k in match.keys if g.op(k) == "sdpa")
+    q, k, v = (val(origin(o)) for o in g.operands(sdpa)[:3])
+    b, s = val(origin(match.bindings["x"])).shape[:2]
+    want = (b, n_heads, s, e // n_heads)
+    if any(not isinstance(t, TensorInfo) or tuple(t.shape) != want for t in (q, k, v)) or n_heads * want[-1] != e:
+        return "query, key and value are not [batch, heads, seq, head] splits of the hidden size"
+    for name, steps in match.chains.items():
+        if not _standard_layout(g, steps, want):
+            return "heads are split or merged in a non-standard order"
+    return None
+
+
+def _standard_layout(g, steps, heads_shape) -> bool:
+    """Replay the layout ops on numbered elements and compare with the standard split or merge."""
+    if not steps:
+        return False
+    b, h, s, d = heads_shape
+    first = origin(steps[-1][0])
+    start = val(first.args[0]) if first.args else None
+    if not isinstance(start, TensorInfo):
+        return False
+    value = torch.arange(math.prod(start.shape)).view(start.shape)
+    for key, _ in reversed(steps):
+        node = origin(key)
+        try:
+            value = _replay(node, value)
+        except Exception:
+            return False
+    if tuple(start.shape) == (b, s, h * d):  # split
+        expected = torch.arange(b * s * h * d).view(b, s, h, d).transpose(1, 2)
+    elif tuple(start.shape) == (b, h, s, d):  # merge
+        expected = torch.arange(b * s * h * d).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+    else:
+        return False
+    return tuple(value.shape) == tuple(expected.shape) and torch.equal(value, expected)
+
+
+def _replay(node, value):
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            v = val(a)
+            return tuple(v) if isinstance(v, (list, tuple)) else v
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        return a
+
+    args = [arg(a) for a in node.args[1:]]
+    kwargs = {k: arg(v) for k, v in node.kwargs.items()}
+    if node.op == "call_method":
+        return getattr(value, node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(value, *args, **kwargs)
+    raise ValueError(node.op)
+
+
+def _feed_forward(match, norms, norm_first):
+    """Find the first feed-forward linear and read the activation between it and the second linear."""
+    g = match.graph
+    act = match.bindings["act"]
+    if isinstance(act, Const):
+        return None, Decline("the feed-forward input is a constant"), []
+    h_input = _ffn_input(match, norms, norm_first)
+    path, node = [], origin(act)
+    frontier, seen = [node], set()
+    linear1 = None
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if g.op(n) == "linear" and _reads(g, n, h_input, norm_first):
+            linear1 = n
+            continue
+        if g.op(n) == "sdpa":
+            return None, Decline("a second attention (cross-attention) comes before the feed-forward: "
+                                 "a decoder block, not an encoder block"), []
+        if len(seen) > 24 or n.op in ("placeholder", "get_attr"):
+            return None, Decline("the feed-forward's first linear layer was not found"), []
+        path.append(n)
+        frontier.extend(a for a in n.all_input_nodes if g.op(a) not in ("param", "input") or a is h_input)
+    if linear1 is None:
+        return None, Decline("the feed-forward's first linear layer was not found"), []
+    inside = set(path) | {linear1} | match.nodes()
+    if any(u not in inside for n in path + [linear1] for u in n.users):
+        return None, Decline("the feed-forward's hidden activations are also used outside the block"), []
+    return linear1, _activation(g, path), path
+
+
+def _ffn_input(match, norms, norm_first):
+    g = match.graph
+    if norm_first:  # h = attention + x: the root's other operand
+        root_operands = g.operands(match.root)
+        return next(o for o in root_operands if not isinstance(o, Const) and g.op(o) == "add")
+    return norms[0]  # post-norm: h is the first LayerNorm's output
+
+
+def _reads(g, linear, h, norm_first) -> bool:
+    x = g.operands(linear)[0]
+    x, _ = g.through_transparent(x)
+    if not norm_first:
+        return x is h
+    return not isinstance(x, Const) and g.op(x) == "layer_norm" and g.through_transparent(g.operands(x)[0])[0] is h
+
+
+def _second_norm(g, linear1):
+    x, _ = g.through_transparent(g.operands(linear1)[0])
+    return x
+
+
+def _activation(g, path) -> str:
+    ops = [g.op(n) for n in path if g.op(n) not in ("dropout", "contiguous", "clone", "identity")]
+    if ops == ["gelu"]:
+        node = next(n for n in path if g.op(n) == "gelu")
+        approx = g.canon(node).attrs.get("approximate", "none")
+        return "gelu" if approx == "none" else f"activation is gelu with approximate={approx!r}, not the exact (erf) gelu"
+    if ops == ["relu"]:
+        return "relu"
+    if "tanh" in ops:
+        return "activation is the tanh approximation of gelu, not the exact (erf) gelu"
+    if "sigmoid" in ops and "mul" in ops:
+        return "activation is quick-gelu (x * sigmoid(1.702 x)), not gelu or relu"
+    if ops == ["silu"]:
+        return "activation is silu, not gelu or relu"
+    return f"activation ({' -> '.join(reversed(ops))}) is not gelu or relu"
+
+
+def _weights(match, linear1, norms, norm_first):
+    g = match.graph
+    b = match.bindings
+    found = {k: b[k] for k in ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "g1", "n1", "w2", "b2")}
+    if norm_first:
+        second = norms[-1]
+        found["g2"], found["n2"] = g.operands(second)[1], g.operands(second)[2]
+    else:
+        found["g2"], found["n2"] = b["g2"], b["n2"]
+    w1_ops = g.operands(linear1)
+    found["w1"], found["b1"] = w1_ops[1], w1_ops[2]
+    linears = [k for k in match.keys if g.op(k) == "linear"] + [linear1]
+    if any(g.canon(k).attrs.get("weight_layout") != "out_in" for k in linears):
+        return Decline("a projection stores its weight as [in, out] (Conv1D)")
+    tensors = {k: _tensor_value(g, v) for k, v in found.items()}
+    e = _shape(tensors["wq"])[-1] if tensors["wq"] is not None else None
+    for name in ("wq", "wk", "wv", "wo"):
+        if _shape(tensors[name]) != (e, e):
+            return Decline(f"projection {name} is not [hidden, hidden]")
+    f = _shape(tensors["w1"])
+    if len(f) != 2 or f[1] != e or _shape(tensors["w2"]) != (e, f[0]):
+        return Decline("the feed-forward weights do not fit the hidden size")
+    if len({(t.dtype, t.device) for t in tensors.values() if isinstance(t, (torch.Tensor, TensorInfo))}) > 1:
+        return Decline("the block's weights differ in dtype or device")
+    return found
+
+
+def _tensor_value(g, v):
+    if isinstance(v, Const):
+        return v.value
+    info = val(origin(v))
+    return info if isinstance(info, TensorInfo) else None
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if isinstance(t, (torch.Tensor, TensorInfo)) else ()
+
+
+RULES = [
+    Rule("post_norm_encoder_block", post_norm_encoder_block, encoder_block, check_post_norm, kernel="fused_encoder",
+         priority=1, after_pass=link_stack),
+    Rule("pre_norm_encoder_block", pre_norm_encoder_block, encoder_block, check_pre_norm, kernel="fused_encoder",
+         priority=1, after_pass=link_stack),
+]

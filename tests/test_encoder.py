@@ -1,0 +1,154 @@
+"""Encoder blocks become the fused encoder, with padding removed once across the whole stack."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import fxbt
+import zoo
+from conftest import reference
+from fxbt.patterns import encoder
+from fxbt.region import regions
+
+TOL = 1e-5
+
+
+def real_token_error(spec, want, got, inputs) -> float:
+    """Max abs error over real tokens of every output (padded positions may differ by design)."""
+    worst = 0.0
+    mask = inputs.get("attention_mask")
+    for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
+        assert isinstance(b, torch.Tensor) and not b.is_nested and a.shape == b.shape
+        diff = (a.float() - b.float()).abs()
+        if mask is not None and diff.dim() == 3 and diff.shape[:2] == mask.shape:
+            diff = diff * mask[..., None]
+        worst = max(worst, diff.max().item())
+    return worst
+
+
+def _fused_regions(gm):
+    return [r for _, r in regions(gm) if r.kernel == "fused_encoder"]
+
+
+@pytest.mark.parametrize("impl", ["dense", "fused"])
+@pytest.mark.parametrize("name", sorted(zoo.ENCODERS))
+def test_every_encoder_block_is_fused_and_real_tokens_match(name, impl):
+    overrides, blocks = zoo.ENCODERS[name]
+    spec = zoo.SPECS[name]
+    model = spec.build(**overrides)
+    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl)
+    report = fxbt.report(gm)
+    assert len(report.rewritten("fused_encoder")) == blocks, str(report)
+    assert all(r.impl == impl for r in report.rewritten("fused_encoder"))
+    for batch, seq in [(3, 11), (1, 6), (4, 9)]:
+        inputs = zoo.make_inputs(spec, batch, seq, pad=True, seed=batch)
+        with torch.no_grad():
+            err = real_token_error(spec, reference(model, inputs), gm(**inputs), inputs)
+        assert err < TOL, f"{name}/{impl}: {err:.2e}"
+        assert all(r.last_path == "replacement" for r in _fused_regions(gm))
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ENCODER_DECLINED))
+def test_blocks_with_another_activation_are_declined_and_attention_still_sdpa(name):
+    overrides, reason = zoo.ENCODER_DECLINED[name]
+    spec = zoo.SPECS[name]
+    gm = fxbt.optimize(spec.build(**overrides), spec.example())
+    report = fxbt.report(gm)
+    assert not report.rewritten("fused_encoder")
+    declined = report.rejected("fused_encoder")
+    assert len(declined) == zoo.L and all(reason in r.reason for r in declined), str(report)
+    assert len(report.rewritten("sdpa")) == spec.attention_sites
+
+
+@pytest.fixture(scope="module")
+def bert():
+    spec = zoo.SPECS["bert"]
+    model = spec.build(num_hidden_layers=3)
+    return spec, model
+
+
+@pytest.mark.parametrize("impl", ["dense", "fused"])
+def test_padding_is_removed_once_per_stack(bert, impl, monkeypatch):
+    spec, model = bert
+    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl)
+    blocks = _fused_regions(gm)
+    assert [r.params.get("emit_packed", False) for r in blocks] == [True, True, False]
+    calls = []
+    real_pack = encoder.pack
+    monkeypatch.setattr(encoder, "pack", lambda *a: calls.append(1) or real_pack(*a))
+    inputs = spec.probe()
+    with torch.no_grad():
+        out = gm(**inputs)
+    assert len(calls) == 1
+    assert out.last_hidden_state.shape == reference(model, inputs).last_hidden_state.shape
+
+
+@pytest.mark.parametrize("impl", ["dense", "fused"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_left_and_right_padding_and_an_empty_row(bert, impl, side):
+    spec, model = bert
+    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl)
+    inputs = zoo.make_inputs(spec, 4, 10, pad=True, seed=7, left=side == "left")
+    inputs["attention_mask"][2] = 0  # a row with no real token at all
+    with torch.no_grad():
+        want, got = reference(model, inputs), gm(**inputs)
+    assert not torch.isnan(got.last_hidden_state).any()
+    rows = [0, 1, 3]
+    mask = inputs["attention_mask"][rows, :, None]
+    err = ((want.last_hidden_state[rows] - got.last_hidden_state[rows]).abs() * mask).max().item()
+    assert err < TOL
+
+
+def test_hidden_states_requested_end_the_stack_and_are_plain_tensors(bert):
+    spec, model = bert
+    inputs = dict(spec.example(), output_hidden_states=True)
+    gm = fxbt.optimize(model, inputs)
+    blocks = _fused_regions(gm)
+    assert len(blocks) == 3 and not any(r.params.get("emit_packed") for r in blocks)
+    probe = dict(spec.probe(), output_hidden_states=True)
+    with torch.no_grad():
+        got = gm(**probe)
+        want = reference(model, probe)
+    assert len(got.hidden_states) == 4
+    assert real_token_error(spec, want.hidden_states, got.hidden_states, probe) < TOL
+
+
+def test_attention_probabilities_requested_leave_blocks_unfused(bert):
+    spec, model = bert
+    gm = fxbt.optimize(model, dict(spec.example(), output_attentions=True))
+    report = fxbt.report(gm)
+    assert not report.rewritten()
+    assert all("probabilities" in r.reason for r in report.rejected("sdpa"))
+
+
+def test_gradients_or_training_run_the_original_exactly(bert):
+    spec, model = bert
+    gm = fxbt.optimize(model, spec.example())
+    inputs = spec.probe()
+    out = gm(**inputs)  # gradients enabled: every block runs its original subgraph (attention still SDPA)
+    assert all(r.last_path.startswith("gradients enabled") for r in _fused_regions(gm))
+    assert out.last_hidden_state.requires_grad
+    want = model(**inputs).last_hidden_state
+    assert (out.last_hidden_state - want).abs().max().item() < TOL  # every position, padded ones too
+    gm.train()
+    with torch.no_grad():
+        gm(**inputs)
+    assert all(r.last_path == "training mode" for r in _fused_regions(gm))
+    gm.eval()
+
+
+def test_qkv_weights_are_packed_without_a_copy_and_unroll_stays_exact(bert):
+    spec, model = bert
+    before = sum(p.numel() for p in model.parameters())
+    gm = fxbt.optimize(model, spec.example(), encoder_impl="fused")
+    with torch.no_grad():
+        gm(**spec.probe())
+    block = _fused_regions(gm)[0]
+    packed = block.params["pack_qkv"].weight
+    query = model.encoder.layer[0].attention.self.query.weight
+    assert query.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+    with torch.no_grad():
+        assert torch.equal(fxbt.unroll(gm)(**spec.probe()).last_hidden_state,
+                           reference(model, spec.probe()).last_hidden_state)
