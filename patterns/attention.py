@@ -503,8 +503,12 @@ def _dropout_of(g, softmax, root) -> tuple[float, Any]:
     while not isinstance(probs, Const) and probs != softmax:
         if g.op(probs) == "dropout":
             attrs = g.canon(probs).attrs
-            p = attrs.get("p") or 0.0
-            return (float(p), attrs.get("training")) if p else (0.0, False)
+            training, p = attrs.get("training"), attrs.get("p") or 0.0
+            if training is False:
+                return (0.0, False)  # baked in as inactive
+            if isinstance(p, torch.fx.Node):  # a float lifted to a graph input (torch.compile)
+                p = val(p)
+            return (float(p), training) if p else (0.0, False)
         probs = g.operands(probs)[0]
     return (0.0, False)
 
