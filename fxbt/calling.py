@@ -29,6 +29,7 @@ class CallSpec:
     var_keyword: bool = False  # forward(**kwargs): names beyond the parameters are accepted
     examples: list[Any] = field(default_factory=list)  # per leaf: ("tensor", ndim, dtype, device) or ("value", v)
     leaf_names: list[str] = field(default_factory=list)
+    tensor_inputs: dict[str, bool] = field(default_factory=dict)  # input name -> the example gave a tensor
 
     @classmethod
     def of(cls, model: torch.nn.Module, args: tuple, kwargs: dict) -> "CallSpec":
@@ -40,11 +41,16 @@ class CallSpec:
         examples = [("tensor", x.dim(), x.dtype, x.device) if isinstance(x, torch.Tensor) else ("value", x)
                     for x in leaves]
         var_keyword = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-        return cls(params, defaults, len(args), list(kwargs), in_spec, var_keyword, examples, names)
+        given = dict(zip(params, args), **kwargs)
+        tensors = {n: isinstance(v, torch.Tensor) for n, v in given.items()}
+        return cls(params, defaults, len(args), list(kwargs), in_spec, var_keyword, examples, names, tensors)
 
     def flatten(self, args: tuple, kwargs: dict) -> list:
         """The graph's inputs for a call ``(*args, **kwargs)``, or an InputError saying what is wrong."""
         bound = self._bind(args, kwargs)
+        for name, value in bound.items():
+            if self.tensor_inputs.get(name) and not isinstance(value, torch.Tensor):
+                raise InputError(f"input {name!r} must be a tensor like the example's, got {type(value).__name__}")
         call_args = tuple(bound.pop(name) for name in self.params[:self.positional])
         call_kwargs = {name: bound.pop(name) for name in self.keywords}
         for name, value in bound.items():
@@ -53,8 +59,9 @@ class CallSpec:
                                  f"ignores it; pass it in example_inputs to fxbt.optimize")
         leaves, spec = pytree.tree_flatten((call_args, call_kwargs))
         if spec != self.in_spec:
-            raise InputError(f"the inputs are structured differently from the example inputs (expected "
-                             f"{self.in_spec}, got {spec}); call with inputs of the same kinds")
+            raise InputError("the inputs are structured differently from the example inputs (a tuple or list "
+                             "where the example had a tensor, or of another length); call with inputs of the "
+                             "same kinds")
         for leaf, example, name in zip(leaves, self.examples, self.leaf_names):
             _check_leaf(leaf, example, name)
         return leaves

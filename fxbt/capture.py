@@ -26,6 +26,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from .calling import CallSpec, install_drop_in
+from .serialize import make_picklable
 from .errors import CaptureError, InputError
 from .meta import propagate
 
@@ -208,6 +209,7 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
         _flatten_graph_io(gm, model, args, kwargs, reference)
     flat_inputs = pytree.tree_leaves((args, kwargs))
     install_drop_in(gm, CallSpec.of(model, args, kwargs), _out_spec(gm, reference))
+    make_picklable(gm)
     gm.train(model.training)  # a new GraphModule starts in training mode whatever the model's mode
     gm.meta = getattr(gm, "meta", {})
     for pos, node in enumerate(gm.graph.nodes):

@@ -17,6 +17,7 @@ import torch
 import torch.fx
 
 from .errors import RewriteError
+from .serialize import make_picklable
 
 
 class UseOriginal(Exception):
@@ -172,7 +173,7 @@ def extract(gm: torch.fx.GraphModule, interior: set[torch.fx.Node], root: torch.
         if node in interior:
             env[node] = sub.node_copy(node, lambda x: env[x])
     sub.output(env[root])
-    return torch.fx.GraphModule(gm, sub, class_name="OriginalSubgraph")
+    return make_picklable(torch.fx.GraphModule(gm, sub, class_name="OriginalSubgraph"))
 
 
 def install(gm: torch.fx.GraphModule, region: Region, interior: set[torch.fx.Node], root: torch.fx.Node,
@@ -231,6 +232,7 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     out.meta = getattr(gm, "meta", {})
     if hasattr(gm, "_fxbt_call"):
         out._fxbt_call = gm._fxbt_call  # the calling convention the graph's code uses
+    make_picklable(out)
     return out
 
 

@@ -1,0 +1,152 @@
+"""The bad-input and edge-case matrix: each row is either correct or a typed fxbt error saying what to do."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+
+import fxbt
+import zoo
+from conftest import reference
+from test_encoder import real_token_error
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bert():
+    spec = zoo.SPECS["bert"]
+    model = spec.build()
+    return spec, model, fxbt.optimize(model, spec.example())
+
+
+def _close(spec, model, gm, inputs, tol=TOL):
+    with torch.inference_mode():
+        return real_token_error(spec, reference(model, inputs), gm(**inputs), inputs) < tol
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda gm, x: gm(input_ids=x["input_ids"]), "missing input"),
+    (lambda gm, x: gm(**x, nonsense=1), "not among the example inputs|unknown input"),
+    (lambda gm, x: gm(input_ids=x["input_ids"].tolist(), attention_mask=x["attention_mask"]), "must be a tensor"),
+    (lambda gm, x: gm(input_ids=x["input_ids"], attention_mask=x["attention_mask"].bool()), "torch.bool"),
+    (lambda gm, x: gm(input_ids=x["input_ids"][0], attention_mask=x["attention_mask"]), "dimensions"),
+    (lambda gm, x: gm(**x, output_hidden_states=True), "not among the example inputs"),
+])
+def test_inputs_of_other_kinds_than_the_example_raise_input_error(bert, call, message):
+    spec, _, gm = bert
+    with pytest.raises(fxbt.InputError, match=message):
+        call(gm, spec.probe())
+
+
+def test_positional_call_works_like_the_model(bert):
+    spec, model, gm = bert
+    x = spec.probe()
+    with torch.inference_mode():
+        got = gm(x["input_ids"], x["attention_mask"])
+    assert real_token_error(spec, reference(model, x), got, x) < TOL
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 1), (1, 2), (5, 1), (2, 60)])
+def test_batch_one_sequence_one_and_much_longer_than_the_example(bert, batch, seq):
+    spec, model, gm = bert
+    assert _close(spec, model, gm, zoo.make_inputs(spec, batch, seq, pad=True, seed=batch * seq))
+
+
+@pytest.mark.parametrize("dtype", ["long", "bool", "float"])
+def test_boolean_integer_and_float_masks(dtype):
+    spec = zoo.SPECS["bert"]
+    model = spec.build()
+    example = spec.example()
+    convert = {"long": lambda m: m, "bool": lambda m: m.bool(), "float": lambda m: m.float()}[dtype]
+    example["attention_mask"] = convert(example["attention_mask"])
+    gm = fxbt.optimize(model, example)
+    probe = spec.probe()
+    probe["attention_mask"] = convert(probe["attention_mask"])
+    assert len(fxbt.report(gm).rewritten()) == 2 * zoo.L
+    assert _close(spec, model, gm, probe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    spec = zoo.SPECS["bert"]
+    model = spec.build().to(dtype)
+    gm = fxbt.optimize(model, spec.example())
+    assert fxbt.report(gm).rewritten("sdpa")
+    assert _close(spec, model, gm, spec.probe(), tol=2e-2)
+
+
+def test_calls_under_autocast(bert):
+    spec, model, gm = bert
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _close(spec, model, gm, spec.probe(), tol=5e-2)
+
+
+def test_deepcopy_state_dict_and_pickle_round_trips(bert):
+    spec, model, gm = bert
+    probe = spec.probe()
+    with torch.inference_mode():
+        want = gm(**probe).last_hidden_state
+    clone = copy.deepcopy(gm)
+    with torch.inference_mode():
+        assert torch.equal(clone(**probe).last_hidden_state, want)
+    clone.load_state_dict(gm.state_dict())
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(loaded(**probe).last_hidden_state, want)
+        assert torch.equal(pickle.loads(pickle.dumps(gm))(**probe).last_hidden_state, want)
+    assert fxbt.report(loaded).rows == fxbt.report(gm).rows
+    with torch.inference_mode():  # node metadata survives: unroll still gives the captured graph
+        assert torch.equal(fxbt.unroll(loaded)(**probe).last_hidden_state, reference(model, probe).last_hidden_state)
+
+
+def test_to_another_dtype_after_optimizing():
+    spec = zoo.SPECS["bert"]
+    model = spec.build()
+    gm = fxbt.optimize(model, spec.example()).to(torch.float64)
+    model = model.to(torch.float64)
+    assert _close(spec, model, gm, spec.probe(), tol=1e-9)
+
+
+def test_concurrent_calls_from_several_threads(bert):
+    spec, model, gm = bert
+    inputs = [zoo.make_inputs(spec, 2 + i % 3, 6 + i, pad=True, seed=i) for i in range(6)]
+    with torch.inference_mode():
+        wants = [reference(model, x) for x in inputs]
+    errors, results = [], [None] * len(inputs)
+
+    def work(i):
+        try:
+            with torch.inference_mode():
+                results[i] = gm(**inputs[i])
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(real_token_error(spec, w, r, x) < TOL for w, r, x in zip(wants, results, inputs))
+
+
+def test_blocks_with_rotary_or_relative_positions_are_not_fused():
+    for name in ("llama", "t5"):  # rotary embeddings; relative position bias
+        spec = zoo.SPECS[name]
+        model = spec.build()
+        gm = fxbt.optimize(model, spec.example())
+        report = fxbt.report(gm)
+        assert not report.rewritten("fused_encoder")
+        assert len(report.rewritten("sdpa")) == spec.attention_sites
+        probe = spec.probe()
+        with torch.inference_mode():
+            want, got = reference(model, probe), gm(**probe)
+        assert (want[0] - got[0]).abs().max().item() < TOL
