@@ -214,6 +214,7 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
     gm.meta = getattr(gm, "meta", {})
     for pos, node in enumerate(gm.graph.nodes):
         node.meta["fxbt_pos"] = pos
+        node.meta["fxbt_name"] = node.name  # unroll restores it, even for a node re-created elsewhere
     return flat_inputs
 
 

@@ -20,6 +20,11 @@ from .errors import RewriteError
 from .serialize import make_picklable
 
 
+def materialize(value):
+    """The plain value behind a stand-in a region may pass on (packed tokens, a deferred mask)."""
+    return value.fxbt_materialize() if hasattr(value, "fxbt_materialize") else value
+
+
 class UseOriginal(Exception):
     """Raised by a replacement that finds, at run time, it cannot compute this call exactly."""
 
@@ -43,7 +48,7 @@ class Region(torch.nn.Module):
         reason = self.fallback(self, inputs) if self.fallback is not None else None
         if reason:
             self.last_path = reason
-            return self.original(*inputs)
+            return self.original(*map(materialize, inputs))
         kwargs = {name: _slot_value(slot, inputs) for name, slot in self.slots.items()}
         if self.wants_training:
             kwargs["training"] = self.training
@@ -51,7 +56,7 @@ class Region(torch.nn.Module):
             result = self.replacement(**kwargs, **self.params)
         except UseOriginal as why:
             self.last_path = str(why)
-            return self.original(*inputs)
+            return self.original(*map(materialize, inputs))
         self.last_path = "replacement"
         return result
 
@@ -223,8 +228,11 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     by_name: dict[str, torch.fx.Node] = {}
     for node, owner in records:
         rewired = node.meta.get("fxbt_rewired", {})
-        env[node] = graph.node_copy(node, lambda x: by_name[rewired[x.name]] if x.name in rewired else resolve(x))
-        env[node].meta.pop("fxbt_rewired", None)
+        arg = lambda x: by_name[rewired[x.name]] if x.name in rewired else resolve(x)  # noqa: E731
+        env[node] = graph.create_node(node.op, node.target, torch.fx.node.map_arg(node.args, arg),
+                                      torch.fx.node.map_arg(node.kwargs, arg),
+                                      name=node.meta.get("fxbt_name", node.name), type_expr=node.type)
+        env[node].meta = {k: v for k, v in node.meta.items() if k != "fxbt_rewired"}
         by_name[node.name] = env[node]
         if node.op in ("call_module", "get_attr"):
             root[node.target] = _fetch(owner, node.target)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fxbt.canon import Const, TensorInfo, Virtual, origin
 from fxbt.meta import val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
+from fxbt.region import Region, Slot, boundary, extract, install
 
 MASKED = -1e4  # scores at or below this get exactly zero probability after softmax (exp underflows)
 
@@ -94,7 +95,68 @@ def build_mask(program: tuple, terms: tuple, dtype: torch.dtype, scores_shape):
 
 
 def _term(ref, terms):
-    return terms[ref[1]] if isinstance(ref, tuple) and ref and ref[0] == "term" else ref
+    if not (isinstance(ref, tuple) and ref and ref[0] == "term"):
+        return ref
+    value = terms[ref[1]]
+    return value.value() if isinstance(value, Deferred) else value
+
+
+class Deferred:
+    """A mask computed only if a region asks for it (see `defer_causal_masks`)."""
+
+    def __init__(self, compute, inputs):
+        self.compute, self.inputs, self._value = compute, inputs, None
+
+    def value(self):
+        if self._value is None:
+            self._value = self.compute(*self.inputs)
+        return self._value
+
+    fxbt_materialize = value
+
+
+def defer(inputs, *, compute):
+    return Deferred(compute, inputs)
+
+
+def defer_causal_masks(gm, installed) -> None:
+    """A mask that only proven-causal regions read is built from sizes alone and ignored whenever query and
+    key lengths are equal (every self-attention without a KV cache). Put its subgraph in a region of its own
+    that hands over a `Deferred`, so it is computed only when a region needs it. Unroll restores it."""
+    causal = {node for node, region in installed if region.params["causal"]}
+    terms = {t for node, region in installed if node in causal
+             for t in _slot_nodes(node, region.slots["mask_terms"])}
+    for term in sorted(terms, key=lambda n: n.meta.get("fxbt_pos", 0)):
+        if not term.users or not all(u in causal for u in term.users):
+            continue
+        interior = _shape_only_producers(term)
+        inputs = boundary(interior, gm.graph)
+        original = extract(gm, interior, term, inputs)
+        region = Region("deferred_causal_mask", "deferred", original, defer,
+                        {"inputs": Slot(index=tuple(range(len(inputs))), many=True)}, {"compute": original})
+        install(gm, region, interior, term, inputs, _free_index(gm))
+
+
+def _slot_nodes(node, slot):
+    return [node.args[i] for i in slot.index if isinstance(i, int)]
+
+
+def _shape_only_producers(term) -> set:
+    """``term`` and every shape-only node above it used by nothing else."""
+    interior, changed = {term}, True
+    while changed:
+        changed = False
+        for node in [a for n in interior for a in n.all_input_nodes if a not in interior]:
+            if (node.op in ("call_function", "call_method") and node.meta.get("fxbt_shape_only")
+                    and all(u in interior for u in node.users)):
+                interior.add(node)
+                changed = True
+    return interior
+
+
+def _free_index(gm) -> int:
+    taken = {name for name, _ in gm.named_children()}
+    return next(i for i in range(10**6) if f"fxbt_region_{i}" not in taken)
 
 
 # --- the check --------------------------------------------------------------------------------
@@ -542,6 +604,7 @@ def check_existing_sdpa(match) -> Accept | Decline:
 
 
 RULES = [
-    Rule("softmax_attention", softmax_attention, sdpa_attention, check_softmax_attention, kernel="sdpa"),
+    Rule("softmax_attention", softmax_attention, sdpa_attention, check_softmax_attention, kernel="sdpa",
+         after_pass=defer_causal_masks),
     Rule("existing_sdpa", existing_sdpa, call_sdpa, check_existing_sdpa, kernel="sdpa"),
 ]

@@ -110,6 +110,10 @@ class Packed:
             return self.tokens
         return torch.cat(self.nested.unbind()) if self.nested.numel() else self.nested.values()
 
+    def fxbt_materialize(self) -> torch.Tensor:
+        return self.unpack() if self.keep is not None else (self.tokens.view(self.padded_shape)
+                                                              if self.tokens is not None else self.nested)
+
     def unpack(self) -> torch.Tensor:
         b, s, e = self.padded_shape
         out = self.keep.new_zeros((b * s, e), dtype=self.flat().dtype)
@@ -168,7 +172,8 @@ class QKVPack:
 
     def get(self, wq, wk, wv) -> torch.Tensor:
         if not self._intact(wq, wk, wv):
-            with torch.no_grad():
+            # normal tensors even when called under inference_mode: they become the model's own weights
+            with torch.inference_mode(False), torch.no_grad():
                 packed = torch.cat([wq, wk, wv])
                 n = wq.shape[0]
                 for i, w in enumerate((wq, wk, wv)):

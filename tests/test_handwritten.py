@@ -69,3 +69,20 @@ def test_near_miss_is_left_alone(twin):
     x2, mask2 = hw.inputs(3, 9, seed=5)
     with torch.no_grad():
         assert identical(gm(x2, mask2), model(x2, mask2))
+
+
+def test_a_causal_mask_is_built_only_when_a_region_needs_it(monkeypatch):
+    """Proven-causal regions ignore the mask when query and key lengths match: it is not computed."""
+    from fxbt.patterns import attention
+    model = hw.NanoGPTCausal().eval()
+    gm = fxbt.optimize(model, hw.inputs(pad=False))
+    deferred = [m for _, m in fxbt.region.regions(gm) if m.kernel == "deferred"]
+    assert len(deferred) == 1
+    computed = []
+    real_value = attention.Deferred.value
+    monkeypatch.setattr(attention.Deferred, "value", lambda self: computed.append(1) or real_value(self))
+    x, mask = hw.inputs(2, 12, pad=False)
+    with torch.no_grad():
+        assert max_error(model(x, mask), gm(x, mask)) < 1e-5
+        assert identical(fxbt.unroll(gm)(x, mask), model(x, mask))
+    assert computed == []
