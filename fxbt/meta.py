@@ -97,7 +97,3 @@ def val(node_or_const) -> Any:
     return node_or_const
 
 
-def rank(node) -> int | None:
-    v = val(node)
-    return v.ndim if isinstance(v, TensorInfo) else None
-

@@ -41,7 +41,6 @@ from fxbt.region import UseOriginal
 from .attention import MASKED, build_mask
 
 DEFAULT_IMPL = {"cpu": "dense", "cuda": "fused"}
-WEIGHTS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "g1", "n1", "w1", "b1", "w2", "b2", "g2", "n2")
 
 
 # --- patterns -----------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ is what the optimized module must also get right.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel
@@ -157,5 +155,3 @@ def build(name: str, attn="eager", **overrides):
 def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
-
-Builder = Callable[[], torch.nn.Module]
