@@ -115,9 +115,7 @@ def _check_leaf(leaf, example, name) -> None:
     if leaf.dtype != dtype:
         raise InputError(f"input {name!r} is {leaf.dtype}; the example's was {dtype}. Convert it "
                          f"(.to({dtype})) or optimize with an example of this dtype")
-    if leaf.device.type != device.type:
-        raise InputError(f"input {name!r} is on {leaf.device}; the graph was captured on {device}. "
-                         "Move the inputs, or the module with .to(), so that they match")
+    # no device check: the module may have been moved with .to() since it was captured
 
 
 class DropInCodeGen(_PyTreeCodeGen):
