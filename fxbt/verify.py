@@ -12,7 +12,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .region import Region, materialize
+from .region import Region, inline_region, materialize
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -33,7 +33,7 @@ def verify(gm: torch.fx.GraphModule, flat_inputs: list, report) -> list[str]:
         Checker(gm).run(*flat_inputs)
     bad = [name for name, (err, tol) in errors.items() if err > tol]
     for name in bad:
-        _revert(gm, name)
+        inline_region(gm, name)
         err, tol = errors[name]
         for row in report.rows:
             if row.region == name:
@@ -71,20 +71,3 @@ def _keep_of(region: Region, args, diff):
     x = args[region.slots["x"].index]
     keep = key_padding(region.params["spec"], terms, x) if isinstance(x, torch.Tensor) else x.keep
     return torch.ones_like(diff[..., :1]) if keep is None else keep[..., None].to(diff.dtype)
-
-
-def _revert(gm: torch.fx.GraphModule, name: str) -> None:
-    """Put region ``name``'s original subgraph back in place of its call."""
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-    region = gm.get_submodule(name)
-    env = dict(zip([n for n in region.original.graph.nodes if n.op == "placeholder"], node.args))
-    with gm.graph.inserting_before(node):
-        for inner in region.original.graph.nodes:
-            if inner.op == "placeholder":
-                continue
-            if inner.op == "output":
-                node.replace_all_uses_with(env[inner.args[0]])
-                break
-            # the original's modules and attributes live at the same paths in gm (regions share them)
-            env[inner] = gm.graph.node_copy(inner, lambda x: env[x])
-    gm.graph.erase_node(node)

@@ -14,7 +14,7 @@ def run(*args):
 
 def test_help_explains_each_subcommand():
     out = run("--help")
-    assert out.returncode == 0 and "optimize" in out.stdout and "demo" in out.stdout
+    assert out.returncode == 0 and all(c in out.stdout for c in ("optimize", "export", "demo"))
     sub = run("optimize", "--help")
     assert "config.json" in sub.stdout and "--encoder-impl" in sub.stdout
 
@@ -32,3 +32,12 @@ def test_optimize_a_config_prints_the_report(tmp_path):
 def test_a_bad_path_is_one_clear_line(tmp_path):
     out = run("optimize", str(tmp_path / "missing.json"))
     assert out.returncode == 2 and out.stderr.startswith("fxbt: ") and "Traceback" not in out.stderr
+
+
+def test_export_writes_the_graph(tmp_path):
+    config = zoo.SPECS["bert"].build().config
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    out = run("export", str(path), "--format", "json", "--out", str(tmp_path / "g.json"), "--seq", "8")
+    assert out.returncode == 0, out.stderr
+    assert sum(1 for n in json.loads((tmp_path / "g.json").read_text())["nodes"] if n.get("region")) == zoo.L

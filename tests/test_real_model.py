@@ -27,3 +27,14 @@ def test_minilm_embeddings_match_eager_on_real_sentences(minilm):
             want = mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
             got = mean_pool(gm(**inputs).last_hidden_state, inputs["attention_mask"])
         assert (want - got).abs().max().item() < 1e-5
+
+
+def test_demo_prints_report_error_and_speedup():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "fxbt.demo", "--repeats", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fused_encoder" in out.stdout and "12 rewritten, 0 rejected" in out.stdout
+    error = float(out.stdout.split("max abs error of the sentence embeddings: ")[1].split()[0])
+    assert error < 1e-5
+    assert "x (median of 2)" in out.stdout
