@@ -4,6 +4,7 @@
     print(fxbt.report(gm))                      # what was rewritten, and why not
     original = fxbt.unroll(gm)                  # the captured graph, exactly
 """
+from . import backend  # noqa: F401  (fxbt.backend.reports(); torch.compile finds it by entry point)
 from ._version import __version__
 from .api import optimize, report
 from .capture import capture
