@@ -4,7 +4,7 @@ Every peer in one run, speedups as ratios against eager measured alongside:
 - eager: transformers' eager attention;       - hf_sdpa: transformers' own SDPA attention;
 - compile: torch.compile (inductor) of eager;   - fxbt: fxbt.optimize (default implementation);
 - fxbt_fused: fxbt with the fused-kernel implementation;
-- fxbt_inductor: fxbt's graph handed on to inductor (when --with-inductor);
+- fxbt_inductor: torch.compile with backend="fxbt_inductor" (fxbt's attention rewrite, then inductor);
 - bettertransformer: Optimum 1.23.3 + transformers 4.48.3 in bench/.venv-bettertransformer (its own
   process, against its own eager baseline); skipped with a note when that venv is missing.
 
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--padding", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow first call)")
+    parser.add_argument("--no-bettertransformer", action="store_true", help="skip the BetterTransformer peer")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
                 "fxbt_fused": fxbt.optimize(eager, example, encoder_impl="fused")}
     if not args.no_compile:
         variants["compile"] = torch.compile(bert_base("eager"))
+        variants["fxbt_inductor"] = torch.compile(bert_base("eager"), backend="fxbt_inductor")
     impl = fxbt.report(variants["fxbt"]).rewritten("fused_encoder")[0].impl
     rows = []
     for padding in args.padding:
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         rows.append({"padding": padding, "real_fraction": x["attention_mask"].float().mean().item(),
                      "ms": {n: 1000 * t for n, t in times.items()},
                      "speedup": {n: times["eager"] / t for n, t in times.items()}, "max_err": errors})
-    bt = bettertransformer(args.batch, args.seq, args.repeats, args.padding)
+    bt = None if args.no_bettertransformer else bettertransformer(args.batch, args.seq, args.repeats, args.padding)
     for row in rows:
         if bt is not None:
             t = bt["times"][str(row["padding"])]
