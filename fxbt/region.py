@@ -11,6 +11,7 @@ same order, with the same names, as the captured original.
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any, Callable
 
 import torch
@@ -49,7 +50,7 @@ class Region(torch.nn.Module):
         if reason:
             self.last_path = reason
             return self.original(*map(materialize, inputs))
-        kwargs = {name: _slot_value(slot, inputs) for name, slot in self.slots.items()}
+        kwargs = {name: slot_value(slot, inputs) for name, slot in self.slots.items()}
         if self.wants_training:
             kwargs["training"] = self.training
         try:
@@ -83,8 +84,15 @@ class Slot:
     def __repr__(self):
         return f"Slot({self.index if self.index is not None else self.value!r})"
 
+    def args_of(self, call: torch.fx.Node) -> tuple:
+        """The arguments of the region's call node this slot reads (constants as they are)."""
+        if self.many:
+            return tuple(call.args[i] if isinstance(i, int) else i for i in self.index)
+        return (call.args[self.index],) if self.index is not None else ()
 
-def _slot_value(slot, inputs):
+
+def slot_value(slot, inputs):
+    """What a replacement argument is for one call: inputs at the slot's positions, or its constant."""
     if not isinstance(slot, Slot):
         return slot
     if slot.many:
@@ -182,9 +190,10 @@ def extract(gm: torch.fx.GraphModule, interior: set[torch.fx.Node], root: torch.
 
 
 def install(gm: torch.fx.GraphModule, region: Region, interior: set[torch.fx.Node], root: torch.fx.Node,
-            inputs: list[torch.fx.Node], index: int) -> torch.fx.Node:
-    """Replace ``interior`` (ending in ``root``) by one call of ``region``."""
-    name = f"fxbt_region_{index}"
+            inputs: list[torch.fx.Node]) -> torch.fx.Node:
+    """Replace ``interior`` (ending in ``root``) by one call of ``region``, named ``fxbt_region_<first free>``."""
+    taken = {name for name, _ in gm.named_children()}
+    name = next(f"fxbt_region_{i}" for i in itertools.count() if f"fxbt_region_{i}" not in taken)
     region.train(gm.training)  # a new module starts in training mode; follow the graph's mode
     gm.add_submodule(name, region)
     with gm.graph.inserting_before(root):
@@ -266,7 +275,7 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         env[node].meta = {k: v for k, v in node.meta.items() if k != "fxbt_rewired"}
         by_name[node.name] = env[node]
         if node.op in ("call_module", "get_attr"):
-            root[node.target] = _fetch(owner, node.target)
+            root[node.target] = fetch(owner, node.target)
     out = torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
     out.meta = getattr(gm, "meta", {})
     if hasattr(gm, "_fxbt_call"):
@@ -277,7 +286,7 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _collect(owner, graph, alias, records, top):
     for node in graph.nodes:
-        target = _fetch(owner, node.target) if node.op == "call_module" else None
+        target = fetch(owner, node.target) if node.op == "call_module" else None
         if isinstance(target, Region):
             inner = target.original
             placeholders = [n for n in inner.graph.nodes if n.op == "placeholder"]
@@ -290,7 +299,8 @@ def _collect(owner, graph, alias, records, top):
             records.append((node, owner))
 
 
-def _fetch(owner: torch.nn.Module, target: str):
+def fetch(owner: torch.nn.Module, target: str):
+    """The submodule or attribute at dotted path ``target`` of ``owner``."""
     obj = owner
     for part in target.split("."):
         obj = getattr(obj, part)

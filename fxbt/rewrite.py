@@ -23,14 +23,13 @@ log = logging.getLogger("fxbt")
 
 
 def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, options: dict | None = None) -> None:
-    counter = itertools.count(len([m for m in gm.modules() if isinstance(m, Region)]))
     for _, group in itertools.groupby(sorted(rules, key=lambda r: r.priority), key=lambda r: r.priority):
-        _run_pass(gm, list(group), report, counter, options or {})
+        _run_pass(gm, list(group), report, options or {})
         _lint(gm)
     gm.recompile()
 
 
-def _run_pass(gm, rules, report, counter, options) -> None:
+def _run_pass(gm, rules, report, options) -> None:
     graph = CanonicalGraph(gm, options=options)
     taken: set[torch.fx.Node] = set()
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -46,7 +45,7 @@ def _run_pass(gm, rules, report, counter, options) -> None:
                                        verdict.reason, report.frontend, nodes=len(match.nodes())))
                 continue
             interior, accept, stand_ins = verdict
-            name = _install(gm, rule, match, interior, accept, stand_ins, replaced, next(counter))
+            name = _install(gm, rule, match, interior, accept, stand_ins, replaced)
             taken |= interior
             report.rows.append(Row(name, rule.name, rule.kernel, "rewritten", accept.note, report.frontend,
                                    impl=accept.impl, nodes=len(interior)))
@@ -82,7 +81,7 @@ def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept,
     return interior, verdict, stand_ins
 
 
-def _install(gm, rule, match, interior, accept, stand_ins, replaced, index) -> str:
+def _install(gm, rule, match, interior, accept, stand_ins, replaced) -> str:
     root = origin(match.root)
     inputs = boundary(interior, gm.graph)
     position = {n: i for i, n in enumerate(inputs)}
@@ -90,7 +89,7 @@ def _install(gm, rule, match, interior, accept, stand_ins, replaced, index) -> s
     rewire(stand_ins)
     original = extract(gm, interior, root, inputs)
     region = Region(rule.name, rule.kernel, original, rule.replacement, slots, dict(accept.params), rule.fallback)
-    call = install(gm, region, interior, root, inputs, index)
+    call = install(gm, region, interior, root, inputs)
     replaced[root] = call
     return call.target
 

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .region import Region, inline_region, materialize
+from .region import Region, slot_value, inline_region, materialize
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -66,8 +66,7 @@ def _keep_of(region: Region, args, diff):
     """The real-token mask of a fused encoder block's input, from the model's own mask."""
     from .patterns.encoder import key_padding
 
-    slot = region.slots["mask_terms"]
-    terms = tuple(args[i] if isinstance(i, int) else i.value for i in slot.index)
-    x = args[region.slots["x"].index]
+    terms = slot_value(region.slots["mask_terms"], args)
+    x = slot_value(region.slots["x"], args)
     keep = key_padding(region.params["spec"], terms, x) if isinstance(x, torch.Tensor) else x.keep
     return torch.ones_like(diff[..., :1]) if keep is None else keep[..., None].to(diff.dtype)

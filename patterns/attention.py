@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fxbt.canon import Const, TensorInfo, Virtual, origin
 from fxbt.meta import val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
-from fxbt.region import Region, Slot, boundary, extract, install
+from fxbt.region import Region, Slot, boundary, extract, fetch, install
 
 MASKED = -1e4  # scores at or below this get exactly zero probability after softmax (exp underflows)
 
@@ -125,7 +125,7 @@ def defer_causal_masks(gm, installed) -> None:
     that hands over a `Deferred`, so it is computed only when a region needs it. Unroll restores it."""
     causal = {node for node, region in installed if region.params["causal"]}
     terms = {t for node, region in installed if node in causal
-             for t in _slot_nodes(node, region.slots["mask_terms"])}
+             for t in region.slots["mask_terms"].args_of(node) if isinstance(t, torch.fx.Node)}
     for term in sorted(terms, key=lambda n: n.meta.get("fxbt_pos", 0)):
         if not term.users or not all(u in causal for u in term.users):
             continue
@@ -134,11 +134,7 @@ def defer_causal_masks(gm, installed) -> None:
         original = extract(gm, interior, term, inputs)
         region = Region("deferred_causal_mask", "deferred", original, defer,
                         {"inputs": Slot(index=tuple(range(len(inputs))), many=True)}, {"compute": original})
-        install(gm, region, interior, term, inputs, _free_index(gm))
-
-
-def _slot_nodes(node, slot):
-    return [node.args[i] for i in slot.index if isinstance(i, int)]
+        install(gm, region, interior, term, inputs)
 
 
 def _shape_only_producers(term) -> set:
@@ -153,10 +149,6 @@ def _shape_only_producers(term) -> set:
                 changed = True
     return interior
 
-
-def _free_index(gm) -> int:
-    taken = {name for name, _ in gm.named_children()}
-    return next(i for i in range(10**6) if f"fxbt_region_{i}" not in taken)
 
 
 # --- the check --------------------------------------------------------------------------------
@@ -364,7 +356,7 @@ def _scalar(plan, g, key):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return key, None  # a Python scalar computed in the graph (e.g. from a size): read at run time
     if g.op(key) == "param" and isinstance(value, TensorInfo) and value.ndim == 0 and value.value is not None:
-        if isinstance(_attribute(g.gm, key.target), torch.nn.Parameter):
+        if isinstance(fetch(g.gm, key.target), torch.nn.Parameter):
             return None, "scale is a learnable parameter"
         return value.value.item(), None  # a constant tensor of the model (GPT-J's scale_attn)
     if g.op(key) == "scalar_tensor":  # torch.full([], x) or torch.tensor(x): the scale is x
@@ -376,13 +368,6 @@ def _scalar(plan, g, key):
         plan.absorb.append(key)  # so that x, not the tensor, becomes the region's input
         return inner, None
     return None, "scale is a tensor"
-
-
-def _attribute(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _additive(g, key):

@@ -300,14 +300,10 @@ def link_stack(gm, installed) -> None:
         nxt_node, nxt = users[0], by_node[users[0]]
         if nxt.params["impl"] != region.params["impl"] or nxt_node.args[nxt.slots["x"].index] is not node:
             continue
-        if _mask_inputs(node, region) != _mask_inputs(nxt_node, nxt) or nxt.params["spec"].program != \
+        if _mask_terms(node, region) != _mask_terms(nxt_node, nxt) or nxt.params["spec"].program != \
                 region.params["spec"].program:
             continue
         region.params["emit_packed"] = True
-
-
-def _mask_inputs(node, region):
-    return tuple(node.args[i] if isinstance(i, int) else i for i in region.slots["mask_terms"].index)
 
 
 # --- the check ----------------------------------------------------------------------------------
@@ -421,10 +417,8 @@ def _mask_program(node, region) -> tuple:
 
 
 def _mask_terms(node, region):
-    slot = region.slots["mask"] if "mask" in region.slots else region.slots["mask_terms"]
-    if region.rule == "existing_sdpa":
-        return (node.args[slot.index],) if slot.index is not None else ()
-    return tuple(node.args[i] if isinstance(i, int) else i for i in slot.index)
+    """The mask inputs of a region's call: an SDPA call's one mask, or a mask program's terms."""
+    return region.slots["mask" if "mask" in region.slots else "mask_terms"].args_of(node)
 
 
 def _check_layouts(match, n_heads, e) -> str | None:
