@@ -1,42 +1,71 @@
-"""Runs inside bench/.venv-bettertransformer (optimum 1.23.3, transformers 4.48.3): times eager and
-BetterTransformer BERT-base in one process, interleaved. Prints one JSON line. Never imports fxbt."""
+"""Runs inside bench/.venv-bettertransformer (optimum 1.23.3, transformers 4.48.3): eager and
+BetterTransformer on one model and the same inputs, in one process. Prints one JSON line; never imports fxbt.
+
+    python bettertransformer_worker.py MODEL INPUTS.pt --repeats 7        # medians and errors per input
+    python bettertransformer_worker.py MODEL INPUTS.pt --memory-of NAME   # forward peak GB on the first input
+
+MODEL is a workload of workloads.py (bert_base, gpt2) or a pretrained model's folder; INPUTS.pt a list of
+keyword-input dicts saved with torch.save.
+"""
 from __future__ import annotations
 
+import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workloads import bert_base, bert_inputs  # noqa: E402
+import harness  # noqa: E402
+import workloads  # noqa: E402
+
+
+def real_token_error(want, got, mask) -> float:
+    """Max abs difference of the first outputs on real tokens. BetterTransformer's encoder output can come
+    back padded only to the longest real sequence, so compare the common length."""
+    want, got = want[0], got[0]
+    n = min(want.shape[1], got.shape[1])
+    diff = (want[:, :n] - got[:, :n]).abs()
+    if mask is not None:
+        diff = diff * mask[:, :n].reshape(*mask.shape[:1], n, *[1] * (diff.dim() - 2)).to(diff.dtype)
+    return diff.max().item()
+
+
+def build(model: str, name: str):
+    from optimum.bettertransformer import BetterTransformer
+
+    eager = workloads.model(model, "eager")
+    return eager if name == "eager" else BetterTransformer.transform(eager, keep_original_model=False)
 
 
 def main() -> None:
-    batch, seq, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    paddings = [float(p) for p in sys.argv[4].split(",")]
-    from optimum.bettertransformer import BetterTransformer
-
-    eager = bert_base("eager")
-    bt = BetterTransformer.transform(bert_base("eager"), keep_original_model=False)
-    out = {}
-    with torch.inference_mode():
-        for padding in paddings:
-            x = bert_inputs(batch, seq, padding)
-            times = {"eager": [], "bettertransformer": []}
-            for fn in (eager, bt):
-                fn(**x)
-            for r in range(repeats):
-                order = [("eager", eager), ("bettertransformer", bt)][:: 1 if r % 2 == 0 else -1]
-                for name, fn in order:
-                    start = time.perf_counter()
-                    fn(**x)
-                    times[name].append(time.perf_counter() - start)
-            out[str(padding)] = {k: statistics.median(v) for k, v in times.items()}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("inputs", type=Path)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-of", choices=["eager", "bettertransformer"])
+    args = parser.parse_args()
+    inputs = torch.load(args.inputs)
+    import optimum.version
     import transformers
-    print(json.dumps({"transformers": transformers.__version__, "times": out}))
+    out = {"transformers": transformers.__version__, "optimum": optimum.version.__version__}
+    if args.memory_of:
+        fn, x = build(args.model, args.memory_of), inputs[0]
+        with torch.inference_mode():
+            fn(**x)  # warm up: one-off allocations are not the forward's
+            out["forward_peak_gb"] = harness.forward_peak_gb(lambda: fn(**x))
+        print(json.dumps(out))
+        return
+    variants = {name: build(args.model, name) for name in ("eager", "bettertransformer")}
+    out["rows"] = []
+    for x in inputs:
+        with torch.inference_mode():
+            want = variants["eager"](**x)
+            err = real_token_error(want, variants["bettertransformer"](**x), x.get("attention_mask"))
+        times = harness.interleaved_medians({n: (lambda f=f: f(**x)) for n, f in variants.items()}, args.repeats)
+        out["rows"].append({"ms": {n: 1000 * t for n, t in times.items()}, "max_err": err})
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ Every peer in one run, speedups as ratios against eager measured alongside:
 - bettertransformer: Optimum 1.23.3 + transformers 4.48.3 in bench/.venv-bettertransformer (its own
   process, against its own eager baseline); skipped with a note when that venv is missing.
 
-    bash bench/setup_bettertransformer.sh    # once
+    bash bench/setup_venv.sh bettertransformer    # once
     python bench/encoder.py [--padding 0 0.25 0.5] [--repeats 7]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,17 +26,6 @@ import harness  # noqa: E402
 from workloads import bert_base, bert_inputs  # noqa: E402
 
 import fxbt  # noqa: E402
-
-BT_PYTHON = HERE / ".venv-bettertransformer" / "bin" / "python"
-
-
-def bettertransformer(batch, seq, repeats, paddings) -> dict | None:
-    if not BT_PYTHON.exists():
-        return None
-    out = subprocess.run([str(BT_PYTHON), str(HERE / "bettertransformer_worker.py"), str(batch), str(seq),
-                          str(repeats), ",".join(map(str, paddings))], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
 
 def real_token_error(want, got, mask) -> float:
     return ((want.last_hidden_state - got.last_hidden_state).abs() * mask[..., None]).max().item()
@@ -73,22 +61,22 @@ def main(argv=None) -> int:
         rows.append({"padding": padding, "real_fraction": x["attention_mask"].float().mean().item(),
                      "ms": {n: 1000 * t for n, t in times.items()},
                      "speedup": {n: times["eager"] / t for n, t in times.items()}, "max_err": errors})
-    bt = None if args.no_bettertransformer else bettertransformer(args.batch, args.seq, args.repeats, args.padding)
-    for row in rows:
-        if bt is not None:
-            t = bt["times"][str(row["padding"])]
-            row["speedup"]["bettertransformer"] = t["eager"] / t["bettertransformer"]
-            row["ms"]["bettertransformer (own eager)"] = 1000 * t["eager"]
-            row["ms"]["bettertransformer"] = 1000 * t["bettertransformer"]
+    bt = None if args.no_bettertransformer else harness.bettertransformer(
+        "bert_base", [bert_inputs(args.batch, args.seq, p) for p in args.padding], args.repeats)
+    for row, theirs in zip(rows, bt["rows"] if bt else []):
+        row["speedup"]["bettertransformer"] = theirs["ms"]["eager"] / theirs["ms"]["bettertransformer"]
+        row["ms"]["bettertransformer (own eager)"] = theirs["ms"]["eager"]
+        row["ms"]["bettertransformer"] = theirs["ms"]["bettertransformer"]
+        row["max_err"]["bettertransformer"] = theirs["max_err"]
     print(f"BERT-base, batch {args.batch}, sequence {args.seq}, CPU fp32; {harness.machine()}")
-    print(f"fxbt default implementation: {impl}; BetterTransformer: "
-          f"{'transformers ' + bt['transformers'] if bt else 'not measured (run bench/setup_bettertransformer.sh)'}")
+    print(f"fxbt default implementation: {impl}; BetterTransformer: " +
+          (f"transformers {bt['transformers']}" if bt else "not measured (bash bench/setup_venv.sh bettertransformer)"))
     names = list(rows[0]["speedup"])
     print(f"{'padding':>8} " + " ".join(f"{n:>17}" for n in names))
     for row in rows:
         print(f"{row['padding']:>8.2f} " + " ".join(f"{row['speedup'][n]:>16.2f}x" for n in names))
     print("max abs error on real tokens vs eager: " + ", ".join(
-        f"{n} {max(r['max_err'][n] for r in rows):.1e}" for n in variants))
+        f"{n} {max(r['max_err'][n] for r in rows):.1e}" for n in rows[0]["max_err"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": harness.machine(), "impl": impl, "bettertransformer":

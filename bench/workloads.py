@@ -31,3 +31,61 @@ def bert_base(attn: str | None):
     if attn is None:
         return BertModel(config).eval()
     return BertModel._from_config(config, attn_implementation=attn).eval()
+
+
+def gpt2(attn: str):
+    """GPT-2 small (12 layers, 768 hidden, 1024 positions), random weights, eval mode, LM head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+    return GPT2LMHeadModel._from_config(config, attn_implementation=attn).eval()
+
+
+def gpt2_inputs(seq: int) -> dict:
+    return {"input_ids": torch.randint(0, 50257, (1, seq), generator=torch.Generator().manual_seed(1))}
+
+
+def pretrained(path: str, attn: str):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, attn_implementation=attn).eval()
+
+
+def model(name: str, attn: str):
+    """A workload's model by name (``bert_base``, ``gpt2``) or a pretrained model's folder."""
+    builders = {"bert_base": bert_base, "gpt2": gpt2}
+    return builders[name](attn) if name in builders else pretrained(name, attn)
+
+
+class PlainEncoderLayer(torch.nn.Module):
+    """A post-norm encoder block written in plain PyTorch, the way a user would: no transformers inside."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(hidden, hidden) for _ in range(4))
+        self.norm1, self.norm2 = torch.nn.LayerNorm(hidden), torch.nn.LayerNorm(hidden)
+        self.up, self.down = torch.nn.Linear(hidden, ffn), torch.nn.Linear(ffn, hidden)
+
+    def forward(self, x, bias):
+        b, s, hidden = x.shape
+        q, k, v = (p(x).view(b, s, self.heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + bias, dim=-1)
+        x = self.norm1(x + self.out((probs @ v).transpose(1, 2).reshape(b, s, hidden)))
+        return self.norm2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+
+class PlainEncoder(torch.nn.Module):
+    """A stack of :class:`PlainEncoderLayer` over hidden states, with a [batch, seq] mask (1 = real token)."""
+
+    def __init__(self, layers: int, hidden: int = 256, heads: int = 4, ffn: int = 1024):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(PlainEncoderLayer(hidden, heads, ffn) for _ in range(layers))
+
+    def forward(self, x, mask):
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x

@@ -29,6 +29,7 @@ from fxbt.canon import Const, TensorInfo, Virtual, origin
 from fxbt.meta import val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
 from fxbt.region import Region, Slot, boundary, extract, fetch, install
+from fxbt.sizes import fixed_value
 
 MASKED = -1e4  # scores at or below this get exactly zero probability after softmax (exp underflows)
 
@@ -578,8 +579,10 @@ def check_existing_sdpa(match) -> Accept | Decline:
     given = {n: node.kwargs[n] if n in node.kwargs else (node.args[i] if len(node.args) > i else None)
              for i, n in enumerate(names)}
     scale = node.kwargs.get("scale")
-    if isinstance(scale, torch.fx.Node):
-        return Decline("scale is computed in the graph")
+    if isinstance(scale, torch.fx.Node):  # fine when only sizes the weights fix go into it: q.size(-1) ** -0.5
+        scale = fixed_value(match.graph.gm, scale)
+        if scale is None:
+            return Decline("scale is computed at run time from sizes that can change")
     return Accept(
         inputs={k: match.bindings[k] for k in ("q", "k", "v", "mask")},
         params={"dropout_p": given["dropout_p"] or 0.0, "is_causal": bool(given["is_causal"]), "scale": scale,

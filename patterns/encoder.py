@@ -37,6 +37,7 @@ from fxbt.canon import Const, TensorInfo, origin
 from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, heads
 from fxbt.region import UseOriginal
+from fxbt.sizes import fixed_value
 
 from .attention import MASKED, build_mask
 
@@ -159,6 +160,7 @@ class BlockSpec:
     norm_first: bool
     program: tuple  # the attention mask program (see patterns/attention.py)
     scale: float
+    qkv_packed: bool = False  # the model projects Q, K and V with one [3E, E] weight (wq, wk, wv are it)
 
 
 class QKVPack:
@@ -213,8 +215,11 @@ def encoder_block(x, mask_terms=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w
         keep = key_padding(spec, mask_terms, x)
         packed = pack(x, keep, impl) if keep is not None else Packed(
             x.reshape(-1, e) if impl == "dense" else None, None if impl == "dense" else x, None, None, tuple(x.shape))
-    qkv_w = pack_qkv.get(wq, wk, wv)
-    qkv_b = torch.cat([_bias(bq, wq), _bias(bk, wk), _bias(bv, wv)])
+    if spec.qkv_packed:
+        qkv_w, qkv_b = wq, _bias(bq, wq)
+    else:
+        qkv_w = pack_qkv.get(wq, wk, wv)
+        qkv_b = torch.cat([_bias(bq, wq), _bias(bk, wk), _bias(bv, wv)])
     params = dict(qkv_w=qkv_w, qkv_b=qkv_b, wo=wo, bo=_bias(bo, wo), g1=_ones(g1, e, x), n1=_zeros(n1, e, x),
                   w1=w1, b1=_bias(b1, w1), w2=w2, b2=_bias(b2, w2), g2=_ones(g2, e, x), n2=_zeros(n2, e, x))
     out = _dense_block(packed, spec, params) if impl == "dense" else _fused_block(packed, spec, params)
@@ -333,7 +338,9 @@ def _check(match, norm_first: bool):
     if reason:
         return Decline(reason)
     n_heads = val(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0])).shape[1]
-    scale = region.params.get("scale")
+    scale = _scale(g, node, region)
+    if scale == "varies":
+        return Decline("attention scale is computed at run time from sizes that can change")
     if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(e // n_heads), rel_tol=1e-6):
         return Decline(f"attention scale {scale:.6g} is not 1/sqrt(head size) = {1 / math.sqrt(e // n_heads):.6g}")
     if _per_head_mask(node, region):
@@ -358,7 +365,7 @@ def _check(match, norm_first: bool):
     if isinstance(weights, Decline):
         return weights
     spec = BlockSpec(n_heads, float(eps.pop()), activation, norm_first, _mask_program(node, region),
-                     1.0 / math.sqrt(e // n_heads))
+                     1.0 / math.sqrt(e // n_heads), qkv_packed(weights))
     inputs = {"x": x, "mask_terms": _mask_terms(node, region)}
     inputs.update(weights)
     impl = match.options.get("encoder_impl", "auto")
@@ -389,11 +396,22 @@ def _check_attention(region, e) -> str | None:
         return "keys are not in the [batch, heads, seq, head] layout the fused kernel reads"
     if p.get("causal"):
         return "attention is causal: an encoder block attends to every token"
-    if p.get("scale_terms") or p.get("scale_powers"):
-        return "attention scale is computed at run time"
     if any(step[0] == "reshape" for step in p.get("program", ())):
         return "the mask is reshaped with the scores"
     return None
+
+
+def _scale(g, node, region):
+    """The attention's scale as a number (None: SDPA's default), with the terms computed at run time
+    resolved when sizes the weights fix are all they read; "varies" when one could change."""
+    scale, powers = region.params.get("scale"), region.params.get("scale_powers", ())
+    terms = region.slots["scale_terms"].args_of(node) if powers else ()
+    for term, power in zip(terms, powers):
+        number = fixed_value(g.gm, term)
+        if number is None:
+            return "varies"
+        scale *= number ** power
+    return scale
 
 
 def _per_head_mask(node, region) -> bool:
@@ -422,7 +440,8 @@ def _mask_terms(node, region):
 
 
 def _check_layouts(match, n_heads, e) -> str | None:
-    """The head split of Q, K and V and the merge after attention are exactly the standard ones."""
+    """The head split of Q, K and V and the merge after attention are exactly the standard ones; Q, K and V
+    from one packed projection must be its first, second and third part (the fused kernel's order)."""
     g = match.graph
     for name, steps in match.chains.items():
         ops = {g.op(k) for k, _ in steps}
@@ -434,35 +453,49 @@ def _check_layouts(match, n_heads, e) -> str | None:
     want = (b, n_heads, s, e // n_heads)
     if any(not isinstance(t, TensorInfo) or tuple(t.shape) != want for t in (q, k, v)) or n_heads * want[-1] != e:
         return "query, key and value are not [batch, heads, seq, head] splits of the hidden size"
+    starts = {o: i for i, o in enumerate(g.operands(sdpa)[:3])}
+    parts = {}
     for name, steps in match.chains.items():
-        if not _standard_layout(g, steps, want):
+        layout = _layout(steps, want)
+        if layout is None:
             return "heads are split or merged in a non-standard order"
+        if steps and steps[0][0] in starts and layout != "merge":
+            parts[starts[steps[0][0]]] = layout
+    if set(parts.values()) - {"split"} and [parts.get(i) for i in range(3)] != [0, 1, 2]:
+        return "Q, K and V are packed in one projection in another order than the fused kernel's (per head?)"
     return None
 
 
-def _standard_layout(g, steps, heads_shape) -> bool:
-    """Replay the layout ops on numbered elements and compare with the standard split or merge."""
+def _layout(steps, heads_shape):
+    """What the layout ops do, replayed on numbered elements: "split" (heads of [b, s, h·d]), "merge"
+    (back from [b, h, s, d]), the index of the part a packed [b, s, n·h·d] projection splits into heads,
+    "another packing" when its heads are not such a part, or None for anything else."""
     if not steps:
-        return False
+        return None
     b, h, s, d = heads_shape
     first = origin(steps[-1][0])
     start = val(first.args[0]) if first.args else None
-    if not isinstance(start, TensorInfo):
-        return False
+    if not isinstance(start, TensorInfo) or tuple(start.shape) != (b, h, s, d) and (
+            len(start.shape) != 3 or tuple(start.shape[:2]) != (b, s) or start.shape[-1] % (h * d)):
+        return None
     value = torch.arange(math.prod(start.shape)).view(start.shape)
     for key, _ in reversed(steps):
-        node = origin(key)
         try:
-            value = _replay(node, value)
+            value = _replay(origin(key), value)
         except Exception:
-            return False
-    if tuple(start.shape) == (b, s, h * d):  # split
-        expected = torch.arange(b * s * h * d).view(b, s, h, d).transpose(1, 2)
-    elif tuple(start.shape) == (b, h, s, d):  # merge
-        expected = torch.arange(b * s * h * d).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
-    else:
-        return False
-    return tuple(value.shape) == tuple(expected.shape) and torch.equal(value, expected)
+            return None
+    if not isinstance(value, torch.Tensor):
+        return None
+    if tuple(start.shape) == (b, h, s, d):
+        merged = torch.arange(b * s * h * d).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+        return "merge" if tuple(value.shape) == tuple(merged.shape) and torch.equal(value, merged) else None
+    parts = start.shape[-1] // (h * d)
+    numbered = torch.arange(math.prod(start.shape)).view(b, s, parts, h * d)
+    for i in range(parts):
+        expected = numbered[:, :, i].reshape(b, s, h, d).transpose(1, 2)
+        if tuple(value.shape) == tuple(expected.shape) and torch.equal(value, expected):
+            return "split" if parts == 1 else i
+    return None if parts == 1 else "another packing"
 
 
 def _replay(node, value):
@@ -570,15 +603,22 @@ def _weights(match, linear1, norms, norm_first):
         return Decline("a projection stores its weight as [in, out] (Conv1D)")
     tensors = {k: _tensor_value(g, v) for k, v in found.items()}
     e = _shape(tensors["wq"])[-1] if tensors["wq"] is not None else None
+    qkv_rows = 3 * e if qkv_packed(found) else e
     for name in ("wq", "wk", "wv", "wo"):
-        if _shape(tensors[name]) != (e, e):
-            return Decline(f"projection {name} is not [hidden, hidden]")
+        if _shape(tensors[name]) != (e if name == "wo" else qkv_rows, e):
+            return Decline(f"projection {name} is not [{'3 × ' if qkv_rows != e else ''}hidden, hidden]")
     f = _shape(tensors["w1"])
     if len(f) != 2 or f[1] != e or _shape(tensors["w2"]) != (e, f[0]):
         return Decline("the feed-forward weights do not fit the hidden size")
     if len({(t.dtype, t.device) for t in tensors.values() if isinstance(t, (torch.Tensor, TensorInfo))}) > 1:
         return Decline("the block's weights differ in dtype or device")
     return found
+
+
+def qkv_packed(weights: dict) -> bool:
+    """Q, K and V come from one projection: the three weights are the same tensor."""
+    wq, wk, wv = (w.value if isinstance(w, Const) else w for w in (weights["wq"], weights["wk"], weights["wv"]))
+    return wq is wk is wv
 
 
 def _tensor_value(g, v):

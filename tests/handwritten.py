@@ -192,6 +192,78 @@ NEAR_MISSES = {
 }
 
 
+class SizeScaledBlock(nn.Module):
+    """A post-norm encoder block whose attention scale is computed from sizes at run time, four ways:
+    from the hidden size read off ``x`` (``head_dim``), from ``q.size(-1)`` (``q_size``), passed to SDPA
+    (``sdpa``) — all fixed by the weights — and from the sequence length (``seq_len``), which is not."""
+
+    def __init__(self, scale_from):
+        super().__init__()
+        self.scale_from = scale_from
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.up, self.down = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
+
+    def forward(self, x, bias):
+        b, s, e = x.shape
+        d = e // HEADS
+        q, k, v = (p(x).view(b, s, HEADS, d).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.scale_from == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=q.size(-1) ** -0.5)
+        else:
+            scores = q @ k.transpose(-1, -2)
+            if self.scale_from == "head_dim":
+                scores = scores / d ** 0.5
+            elif self.scale_from == "q_size":
+                scores = scores * q.size(-1) ** -0.5
+            else:
+                scores = scores / s ** 0.5
+            out = torch.softmax(scores + bias, dim=-1) @ v
+        x = self.norm1(x + self.o(out.transpose(1, 2).reshape(b, s, e)))
+        return self.norm2(x + self.down(F.gelu(self.up(x))))
+
+
+class PackedQKVBlock(nn.Module):
+    """A pre-norm encoder block (timm's ViT style) with Q, K and V from one projection, taken apart four
+    ways: ``index`` (qkv[0]), ``unbind``, ``chunk`` (thirds of the features, then heads), and ``per_head``
+    (each head's q, k, v side by side, GPT-NeoX's packing: another order than the fused kernel's)."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.fc1, self.fc2 = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
+
+    def forward(self, x, bias):
+        b, s, e = x.shape
+        qkv = self.qkv(self.norm1(x))
+        if self.split in ("index", "unbind"):
+            qkv = qkv.reshape(b, s, 3, HEADS, e // HEADS).permute(2, 0, 3, 1, 4)
+            q, k, v = (qkv[0], qkv[1], qkv[2]) if self.split == "index" else qkv.unbind(0)
+        elif self.split == "chunk":
+            q, k, v = (t.view(b, s, HEADS, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        else:
+            q, k, v = qkv.view(b, s, HEADS, 3 * (e // HEADS)).transpose(1, 2).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * (e // HEADS) ** -0.5 + bias, dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, s, e))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Stack(nn.Module):
+    """Blocks taking (x, additive key-padding bias), over hidden states and a [batch, seq] mask."""
+
+    def __init__(self, block, layers=3):
+        super().__init__()
+        self.layers = nn.ModuleList(block() for _ in range(layers))
+
+    def forward(self, x, mask):
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
 def inputs(batch=2, seq=7, pad=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq, DIM, generator=g)

@@ -6,6 +6,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxbt
+import handwritten
 import zoo
 from conftest import reference
 from fxbt.patterns import encoder
@@ -192,3 +193,57 @@ def test_a_block_with_another_attention_scale_is_declined():
     assert not other.rewritten("fused_encoder")
     assert "not 1/sqrt(head size)" in other.rejected("fused_encoder")[0].reason
     assert len(other.rewritten("sdpa")) == 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "dynamo"])
+@pytest.mark.parametrize("scale_from", ["head_dim", "q_size", "sdpa"])
+def test_a_scale_computed_from_sizes_the_weights_fix_is_fused(scale_from, frontend):
+    torch.manual_seed(0)
+    model = handwritten.Stack(lambda: handwritten.SizeScaledBlock(scale_from)).eval()
+    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+    assert len(_fused_regions(gm)) == 3, fxbt.report(gm)
+    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)  # other sizes than the example
+    with torch.no_grad():
+        assert ((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max() < TOL
+
+
+@pytest.mark.parametrize("frontend", ["fx", "dynamo"])
+def test_a_scale_computed_from_the_sequence_length_is_not_fused(frontend):
+    torch.manual_seed(0)
+    model = handwritten.Stack(lambda: handwritten.SizeScaledBlock("seq_len")).eval()
+    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+    assert not _fused_regions(gm)
+    assert {r.reason for r in fxbt.report(gm).rows if r.kernel == "fused_encoder"} == {
+        "attention scale is computed at run time from sizes that can change"}
+    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)
+    with torch.no_grad():
+        assert ((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max() < TOL
+
+
+# plain fx cannot unpack a Proxy (``q, k, v = qkv.unbind(0)``): those styles are captured by dynamo
+@pytest.mark.parametrize("split, frontend", [("index", "fx"), ("index", "dynamo"), ("unbind", "dynamo"),
+                                             ("chunk", "dynamo")])
+def test_q_k_v_from_one_projection_are_fused(split, frontend):
+    torch.manual_seed(0)
+    model = handwritten.Stack(lambda: handwritten.PackedQKVBlock(split)).eval()
+    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+    assert len(_fused_regions(gm)) == 3, fxbt.report(gm)
+    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)  # other sizes than the example
+    for impl in ("dense", "fused"):
+        gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend, encoder_impl=impl)
+        with torch.inference_mode():
+            got = gm(x, mask)
+            assert ((got - model(x, mask)).abs() * mask[..., None]).max() < TOL
+
+
+@pytest.mark.parametrize("frontend", ["dynamo"])
+def test_q_k_v_packed_per_head_are_declined_with_the_reason(frontend):
+    torch.manual_seed(0)
+    model = handwritten.Stack(lambda: handwritten.PackedQKVBlock("per_head")).eval()
+    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+    assert not _fused_regions(gm)
+    reasons = {r.reason for r in fxbt.report(gm).rows if r.kernel == "fused_encoder"}
+    assert reasons and all("packed in one projection in another order" in r for r in reasons), reasons
+    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)
+    with torch.no_grad():
+        assert ((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max() < TOL
