@@ -75,8 +75,10 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def in_fresh_process(script: str, *args: str, python: str = sys.executable, env: dict | None = None) -> dict:
     """Run ``script`` with ``args`` in a new interpreter; it prints one JSON line last."""
-    out = subprocess.run([python, script, *args], capture_output=True, text=True, check=True,
+    out = subprocess.run([python, script, *args], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join([script, *args])} exited with {out.returncode}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

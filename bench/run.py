@@ -63,21 +63,29 @@ def run_all(quick: bool) -> None:
     started = time.time()
     for venv in ("bettertransformer", "transformers4"):
         setup = subprocess.run(["bash", str(HERE / "setup_venv.sh"), venv], capture_output=True, text=True)
-        if setup.returncode != 0:
+        if setup.returncode != 0:  # a half-built venv would fail its peers' steps: without it they are skipped
+            shutil.rmtree(HERE / f".venv-{venv}", ignore_errors=True)
             print(f"bench/.venv-{venv} could not be built; what needs it is marked not measured:\n{setup.stderr}",
                   file=sys.stderr)
     shutil.rmtree(RESULTS, ignore_errors=True)  # nothing stale is rendered
     plan = steps(quick)
+    retried = {}
     for i, (label, python, argv) in enumerate(plan):
         progress(i, len(plan), label, started)
-        done = subprocess.run([python, str(HERE / argv[0]), *argv[1:]], capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"\n{label} failed:\n{done.stderr[-4000:]}")
+        for attempt in range(2):  # a step that fails is run once more; the failure is kept in RESULTS.md
+            done = subprocess.run([python, str(HERE / argv[0]), *argv[1:]], capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+            retried[label] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            print(f"\n{label} failed{', running it again' if attempt == 0 else ''}:\n{done.stderr[-4000:]}",
+                  file=sys.stderr)
+        else:
+            sys.exit(1)
     progress(len(plan), len(plan), "done", started)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     (RESULTS / "run.json").write_text(json.dumps({"command": COMMAND + (" --quick" if quick else ""),
                                                   "commit": commit.stdout.strip() or None,
-                                                  "minutes": (time.time() - started) / 60}))
+                                                  "minutes": (time.time() - started) / 60, "retried": retried}))
 
 
 def load(name: str):
@@ -221,7 +229,10 @@ def machines() -> list[str]:
     if tf4:
         lines.append(f"- hf_fx frontend: bench/.venv-transformers4, {tf4['machine'].split(', ', 2)[-1]}.")
     lines += ["- BetterTransformer: bench/.venv-bettertransformer, optimum 1.23.3, transformers 4.48.3, same torch.",
-              "- Medians of interleaved repeats; every speedup is a ratio against eager measured in the same run.", ""]
+              "- Medians of interleaved repeats; every speedup is a ratio against eager measured in the same run."]
+    lines += [f"- Step \"{label}\" failed once and was run again: {error}" for label, error in
+              run.get("retried", {}).items()]
+    lines.append("")
     return lines
 
 
