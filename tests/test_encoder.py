@@ -195,55 +195,52 @@ def test_a_block_with_another_attention_scale_is_declined():
     assert len(other.rewritten("sdpa")) == 1
 
 
+def _handwritten_stack(block, frontend, **options):
+    """A 3-block stack of a hand-written ``block`` and its optimized graph (example: batch 3, sequence 8)."""
+    torch.manual_seed(0)
+    model = handwritten.Stack(block).eval()
+    return model, fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend, **options)
+
+
+def _error_on_other_sizes(model, gm) -> float:
+    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)
+    with torch.inference_mode():
+        return (((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max()).item()
+
+
+def _fused_encoder_reasons(gm) -> set:
+    return {r.reason for r in fxbt.report(gm).rows if r.kernel == "fused_encoder"}
+
+
 @pytest.mark.parametrize("frontend", ["fx", "dynamo"])
 @pytest.mark.parametrize("scale_from", ["head_dim", "q_size", "sdpa"])
 def test_a_scale_computed_from_sizes_the_weights_fix_is_fused(scale_from, frontend):
-    torch.manual_seed(0)
-    model = handwritten.Stack(lambda: handwritten.SizeScaledBlock(scale_from)).eval()
-    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+    model, gm = _handwritten_stack(lambda: handwritten.SizeScaledBlock(scale_from), frontend)
     assert len(_fused_regions(gm)) == 3, fxbt.report(gm)
-    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)  # other sizes than the example
-    with torch.no_grad():
-        assert ((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max() < TOL
+    assert _error_on_other_sizes(model, gm) < TOL
 
 
 @pytest.mark.parametrize("frontend", ["fx", "dynamo"])
 def test_a_scale_computed_from_the_sequence_length_is_not_fused(frontend):
-    torch.manual_seed(0)
-    model = handwritten.Stack(lambda: handwritten.SizeScaledBlock("seq_len")).eval()
-    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+    model, gm = _handwritten_stack(lambda: handwritten.SizeScaledBlock("seq_len"), frontend)
     assert not _fused_regions(gm)
-    assert {r.reason for r in fxbt.report(gm).rows if r.kernel == "fused_encoder"} == {
-        "attention scale is computed at run time from sizes that can change"}
-    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)
-    with torch.no_grad():
-        assert ((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max() < TOL
+    assert _fused_encoder_reasons(gm) == {"attention scale is computed at run time from sizes that can change"}
+    assert _error_on_other_sizes(model, gm) < TOL
 
 
 # plain fx cannot unpack a Proxy (``q, k, v = qkv.unbind(0)``): those styles are captured by dynamo
 @pytest.mark.parametrize("split, frontend", [("index", "fx"), ("index", "dynamo"), ("unbind", "dynamo"),
                                              ("chunk", "dynamo")])
-def test_q_k_v_from_one_projection_are_fused(split, frontend):
-    torch.manual_seed(0)
-    model = handwritten.Stack(lambda: handwritten.PackedQKVBlock(split)).eval()
-    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+@pytest.mark.parametrize("impl", ["dense", "fused"])
+def test_q_k_v_from_one_projection_are_fused(split, frontend, impl):
+    model, gm = _handwritten_stack(lambda: handwritten.PackedQKVBlock(split), frontend, encoder_impl=impl)
     assert len(_fused_regions(gm)) == 3, fxbt.report(gm)
-    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)  # other sizes than the example
-    for impl in ("dense", "fused"):
-        gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend, encoder_impl=impl)
-        with torch.inference_mode():
-            got = gm(x, mask)
-            assert ((got - model(x, mask)).abs() * mask[..., None]).max() < TOL
+    assert _error_on_other_sizes(model, gm) < TOL
 
 
-@pytest.mark.parametrize("frontend", ["dynamo"])
-def test_q_k_v_packed_per_head_are_declined_with_the_reason(frontend):
-    torch.manual_seed(0)
-    model = handwritten.Stack(lambda: handwritten.PackedQKVBlock("per_head")).eval()
-    gm = fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend)
+def test_q_k_v_packed_per_head_are_declined_with_the_reason():
+    model, gm = _handwritten_stack(lambda: handwritten.PackedQKVBlock("per_head"), "dynamo")
     assert not _fused_regions(gm)
-    reasons = {r.reason for r in fxbt.report(gm).rows if r.kernel == "fused_encoder"}
+    reasons = _fused_encoder_reasons(gm)
     assert reasons and all("packed in one projection in another order" in r for r in reasons), reasons
-    x, mask = handwritten.inputs(batch=2, seq=11, seed=1)
-    with torch.no_grad():
-        assert ((gm(x, mask) - model(x, mask)).abs() * mask[..., None]).max() < TOL
+    assert _error_on_other_sizes(model, gm) < TOL
