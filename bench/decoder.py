@@ -36,8 +36,8 @@ def build(variant: str):
     model = gpt2("eager")
     if variant == "fxbt":
         return fxbt.optimize(model, {"input_ids": torch.randint(0, 50257, (1, 16))})
-    if variant in ("compile", "fxbt_inductor"):
-        return torch.compile(model, backend="inductor" if variant == "compile" else "fxbt_inductor")
+    if variant in harness.COMPILE_BACKENDS:
+        return torch.compile(model, backend=harness.COMPILE_BACKENDS[variant])
     return model
 
 
@@ -54,15 +54,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (slow first call)")
-    parser.add_argument("--no-bettertransformer", action="store_true", help="skip the BetterTransformer peer")
+    harness.add_peer_flags(parser)
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.memory_of:
         print(json.dumps(one_variant(args.memory_of, args.seq)))
         return 0
-    names = [v for v in VARIANTS if not (args.no_compile and v in ("compile", "fxbt_inductor"))]
+    names = [v for v in VARIANTS if not (args.no_compile and v in harness.COMPILE_BACKENDS)]
     x = gpt2_inputs(args.seq)
     models = {v: build(v) for v in names}
     with torch.inference_mode():

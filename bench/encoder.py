@@ -27,6 +27,7 @@ from workloads import bert_base, bert_inputs  # noqa: E402
 
 import fxbt  # noqa: E402
 
+
 def real_token_error(want, got, mask) -> float:
     return ((want.last_hidden_state - got.last_hidden_state).abs() * mask[..., None]).max().item()
 
@@ -37,8 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--padding", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow first call)")
-    parser.add_argument("--no-bettertransformer", action="store_true", help="skip the BetterTransformer peer")
+    harness.add_peer_flags(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -48,8 +48,7 @@ def main(argv=None) -> int:
                 "fxbt": fxbt.optimize(eager, example),
                 "fxbt_fused": fxbt.optimize(eager, example, encoder_impl="fused")}
     if not args.no_compile:
-        variants["compile"] = torch.compile(bert_base("eager"))
-        variants["fxbt_inductor"] = torch.compile(bert_base("eager"), backend="fxbt_inductor")
+        variants.update(harness.compiled_peers(lambda: bert_base("eager")))
     impl = fxbt.report(variants["fxbt"]).rewritten("fused_encoder")[0].impl
     rows = []
     for padding in args.padding:

@@ -103,6 +103,21 @@ def bettertransformer(model: str, inputs: list[dict], repeats: int = 7, memory: 
                                 python=str(BETTERTRANSFORMER_PYTHON))
 
 
+def add_peer_flags(parser) -> None:
+    """The flags that leave out the slow-to-start peers, the same in every benchmark."""
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (slow first call)")
+    parser.add_argument("--no-bettertransformer", action="store_true", help="skip the BetterTransformer peer")
+
+
+# the torch.compile peers: inductor alone, and fxbt's attention rewrite followed by inductor
+COMPILE_BACKENDS = {"compile": "inductor", "fxbt_inductor": "fxbt_inductor"}
+
+
+def compiled_peers(build: Callable[[], torch.nn.Module]) -> dict:
+    """Every torch.compile peer, each compiling a fresh model from ``build``."""
+    return {peer: torch.compile(build(), backend=backend) for peer, backend in COMPILE_BACKENDS.items()}
+
+
 def machine() -> str:
     import transformers
     cpu = platform.processor() or platform.machine()

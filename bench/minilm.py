@@ -27,8 +27,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (slow first call)")
-    parser.add_argument("--no-bettertransformer", action="store_true", help="skip the BetterTransformer peer")
+    harness.add_peer_flags(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     tokenizer, model = load_minilm()
@@ -39,8 +38,7 @@ def main(argv=None) -> int:
     variants = {"eager": model, "hf_sdpa": pretrained(path, "sdpa"),
                 "fxbt": fxbt.optimize(model, dict(tokenizer(SENTENCES[:4], padding=True, return_tensors="pt")))}
     if not args.no_compile:
-        variants["compile"] = torch.compile(pretrained(path, "eager"))
-        variants["fxbt_inductor"] = torch.compile(pretrained(path, "eager"), backend="fxbt_inductor")
+        variants.update(harness.compiled_peers(lambda: pretrained(path, "eager")))
     mask = inputs["attention_mask"]
     with torch.inference_mode():
         want = mean_pool(model(**inputs).last_hidden_state, mask)
