@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     eager = bert_base("eager")
     example = bert_inputs(2, 16, 0.25)
     variants = {"eager": eager, "hf_sdpa": bert_base("sdpa"),
-                "fxbt": fxbt.optimize(eager, example),
-                "fxbt_fused": fxbt.optimize(eager, example, encoder_impl="fused")}
+                "fxbt": fxbt.optimize(eager, example, inplace=False),
+                "fxbt_fused": fxbt.optimize(eager, example, encoder_impl="fused", inplace=False)}
     if not args.no_compile:
         variants.update(harness.compiled_peers(lambda: bert_base("eager")))
     impl = fxbt.report(variants["fxbt"]).rewritten("fused_encoder")[0].impl

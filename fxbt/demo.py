@@ -13,6 +13,7 @@ import time
 import torch
 
 from .api import optimize, report
+from .cli import positive_int
 from .errors import FxbtError
 
 SENTENCES = [
@@ -67,12 +68,12 @@ def median_ms(fn, repeats: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fxbt demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per variant (median reported)")
     args = parser.parse_args(argv)
     tokenizer, model = load_minilm()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     inputs = dict(batch)
-    gm = optimize(model, inputs)
+    gm = optimize(model, batch, inplace=False)  # a copy sharing the weights: the original stays to compare with
     print(report(gm))
     with torch.no_grad():
         want = mean_pool(model(**inputs).last_hidden_state, batch["attention_mask"])

@@ -8,23 +8,31 @@ class FxbtError(Exception):
 class CaptureError(FxbtError):
     """No frontend could turn the model into an FX graph; the message lists each frontend's reason."""
 
-    def __init__(self, reasons: dict[str, str]):
+    def __init__(self, reasons: dict[str, str], training: bool = False):
         self.reasons = dict(reasons)
         lines = "\n".join(f"  - {name}: {why}" for name, why in reasons.items())
-        super().__init__(
-            "fxbt could not capture the model as an FX graph. Each frontend failed:\n"
-            f"{lines}\n"
-            "Remove data-dependent Python control flow from forward(), or pass frontend=... to pick one."
-        )
+        advice = ("The model is in training mode: its dropout draws random numbers, and a graph must reproduce "
+                  "them under one seed. For inference, call model.eval() first." if training else
+                  "Remove data-dependent Python control flow from forward(), or pass frontend=... to pick one.")
+        super().__init__(f"fxbt could not capture the model as an FX graph. Each frontend failed:\n{lines}\n{advice}")
+
+    def short(self) -> str:
+        """One line: each frontend's reason."""
+        return "; ".join(f"{name}: {why}" for name, why in self.reasons.items())
 
 
 class PatternError(FxbtError):
     """A pattern or rule is malformed (registration time)."""
 
 
-class InputError(FxbtError):
+class InputError(FxbtError, ValueError):
     """Inputs given to fxbt (example inputs, or inputs at call time) are not of a usable kind."""
 
 
 class RewriteError(FxbtError):
     """A rewrite broke an invariant of the graph; the message names the offending node."""
+
+
+class ExportError(FxbtError):
+    """An export cannot be written where asked, or a file is not a valid fxbt export; the message names the
+    path and what to do (another path, ``overwrite=True``, or exporting again)."""

@@ -42,7 +42,8 @@ def is_size_query(node: torch.fx.Node) -> bool:
 
 
 def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Nodes whose value is a function of input sizes, parameters and buffers alone."""
+    """Nodes whose value is a function of input sizes, parameters and buffers alone (so, for given sizes and
+    weights, always the same value: random and uninitialised tensors are not)."""
     found: set[torch.fx.Node] = set()
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -50,11 +51,19 @@ def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
         if node.op == "get_attr" or is_size_query(node):
             found.add(node)
             continue
-        if node.op == "call_module":
+        if node.op == "call_module" or not deterministic(node):
             continue
         if all(x in found for x in node.all_input_nodes):
             found.add(node)
     return found
+
+
+_NONDETERMINISTIC = ("rand", "empty", "dropout", "bernoulli", "normal", "uniform", "multinomial", "exponential")
+
+
+def deterministic(node: torch.fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return not any(word in name for word in _NONDETERMINISTIC)
 
 
 def describe(value: Any, keep: bool) -> Any:

@@ -83,7 +83,7 @@ class Rule:
     kernel: str | None = None
     priority: int = 0  # lower runs first; rules of one priority share one pass
     fallback: Callable | None = None  # fallback(region, inputs) -> reason to run the original, or None
-    after_pass: Callable | None = None  # after_pass(gm, [(call node, Region)]): link regions of one pass
+    after_pass: Callable | None = None  # after_pass(gm, [(call node, Region)], report): link a pass's regions
     defined_at: str = ""
     graph: "PatternGraph | None" = None
 
@@ -119,6 +119,18 @@ def _check_signatures(rule: Rule) -> None:
         )
 
 
+def _trace_function(fn: Callable) -> torch.fx.Graph:
+    """Trace a pattern by calling it on proxies. Unlike ``torch.fx.Tracer``, this patches nothing
+    process-wide (fx's tracer swaps ``nn.Module.__call__`` while it runs), so registering a pattern is safe
+    while other threads run models."""
+    graph = torch.fx.Graph()
+    tracer = torch.fx.proxy.GraphAppendingTracer(graph)
+    proxies = [torch.fx.Proxy(graph.placeholder(name), tracer) for name in inspect.signature(fn).parameters]
+    result = fn(*proxies)
+    graph.output(result.node if isinstance(result, torch.fx.Proxy) else result)
+    return graph
+
+
 @dataclass
 class PatternGraph:
     """A traced pattern in the canonical view: wildcards (the arguments) and the op tree above them."""
@@ -131,7 +143,7 @@ class PatternGraph:
     @classmethod
     def trace(cls, fn: Callable, name: str) -> "PatternGraph":
         try:
-            graph = torch.fx.Tracer().trace(fn)
+            graph = _trace_function(fn)
         except Exception as e:
             raise PatternError(f"pattern {name!r} could not be traced by torch.fx: {e}") from None
         canon = CanonicalGraph(None, graph)

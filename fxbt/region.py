@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,11 @@ class UseOriginal(Exception):
     """Raised by a replacement that finds, at run time, it cannot compute this call exactly."""
 
 
+class RecomputeCall(Exception):
+    """Raised by a replacement that finds, at run time, that values computed earlier in the call (zeros at
+    padded positions) cannot serve it: the whole call must be computed by the original model."""
+
+
 class Region(torch.nn.Module):
     """One rewritten subgraph."""
 
@@ -44,22 +50,39 @@ class Region(torch.nn.Module):
         self.fallback = fallback
         self.wants_training = "training" in inspect.signature(replacement).parameters
         self.last_path = None  # "replacement" or the fallback's reason, for the report and tests
+        self.calls: Counter = Counter()  # "fast" or the reason the original ran -> calls (the report's row)
 
     def forward(self, *inputs):
         reason = self.fallback(self, inputs) if self.fallback is not None else None
         if reason:
-            self.last_path = reason
-            return self.original(*map(materialize, inputs))
+            return self._original(inputs, reason)
         kwargs = {name: slot_value(slot, inputs) for name, slot in self.slots.items()}
         if self.wants_training:
             kwargs["training"] = self.training
         try:
             result = self.replacement(**kwargs, **self.params)
         except UseOriginal as why:
+            return self._original(inputs, str(why))
+        except RecomputeCall as why:
             self.last_path = str(why)
-            return self.original(*map(materialize, inputs))
+            self.calls[str(why)] += 1
+            raise
+        except Exception as e:  # noqa: BLE001 - a replacement that cannot compute a call leaves it to the original
+            return self._original(inputs, f"the replacement raised {type(e).__name__}: {e}")
         self.last_path = "replacement"
+        self.calls["fast"] += 1
         return result
+
+    def _original(self, inputs, reason: str):
+        self.last_path = reason
+        self.calls[reason] += 1
+        return self.run_original(inputs)
+
+    def run_original(self, inputs):
+        """The original subgraph on a call's inputs (a region may take more inputs than its original reads:
+        those added for run-time checks come last)."""
+        count = sum(1 for n in self.original.graph.nodes if n.op == "placeholder")
+        return self.original(*map(materialize, inputs[:count]))
 
     def canonical_view(self, node: torch.fx.Node):
         """How the canonical graph sees this region: an SDPA region is an ``sdpa`` op on (q, k, v)."""
@@ -239,8 +262,13 @@ def unroll_regions(gm: torch.fx.GraphModule, which) -> torch.fx.GraphModule:
     return result
 
 
-def regions(gm: torch.nn.Module) -> list[tuple[str, Region]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, Region)]
+def regions(model: torch.nn.Module) -> list[tuple[str, Region]]:
+    """The regions of a rewritten graph, or of an optimized model's most recently used graph."""
+    if not isinstance(model, torch.fx.GraphModule):
+        from .api import graph_module
+
+        model = graph_module(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Region)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Callable
 
 from .errors import PatternError
@@ -10,6 +11,7 @@ from .pattern import Rule
 BUILTIN_FAMILIES = ("attention", "encoder")
 DEFAULTS = "defaults"  # in optimize(patterns=[...]): every built-in and registered rule
 _user_rules: dict[str, Rule] = {}
+_LOCK = threading.Lock()  # registering from several threads at once
 
 
 def builtin_rules() -> list[Rule]:
@@ -21,7 +23,8 @@ def builtin_rules() -> list[Rule]:
 
 def all_rules() -> dict[str, Rule]:
     found = {r.name: r for r in builtin_rules()}
-    found.update(_user_rules)
+    with _LOCK:
+        found.update(_user_rules)
     return found
 
 
@@ -43,18 +46,20 @@ def register_pattern(name: str, pattern: Callable | None = None, replacement: Ca
     builtin = {r.name for r in builtin_rules()}
     if name in builtin:
         raise PatternError(f"{name!r} is a built-in rule; choose another name")
-    if name in _user_rules and not replace:
-        raise PatternError(f"a pattern named {name!r} is already registered (at {_user_rules[name].defined_at}); "
-                           "choose another name, or pass replace=True")
     rule = Rule(name, pattern, replacement, check, kernel=kernel)
-    _user_rules[name] = rule
+    with _LOCK:
+        if name in _user_rules and not replace:
+            raise PatternError(f"a pattern named {name!r} is already registered (at {_user_rules[name].defined_at}); "
+                               "choose another name, or pass replace=True")
+        _user_rules[name] = rule
     return rule
 
 
 def unregister_pattern(name: str) -> None:
-    if name not in _user_rules:
-        raise PatternError(f"no registered pattern named {name!r}")
-    del _user_rules[name]
+    with _LOCK:
+        if name not in _user_rules:
+            raise PatternError(f"no registered pattern named {name!r}")
+        del _user_rules[name]
 
 
 def select(patterns) -> list[Rule]:

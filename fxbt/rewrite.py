@@ -47,13 +47,15 @@ def _run_pass(gm, rules, report, options) -> None:
             interior, accept, stand_ins = verdict
             name = _install(gm, rule, match, interior, accept, stand_ins, replaced)
             taken |= interior
-            report.rows.append(Row(name, rule.name, rule.kernel, "rewritten", accept.note, report.frontend,
-                                   impl=accept.impl, nodes=len(interior)))
+            row = Row(name, rule.name, rule.kernel, "rewritten", accept.note, report.frontend, impl=accept.impl,
+                      nodes=len(interior))
+            gm.get_submodule(name).calls = row.calls  # the row counts the region's calls as they happen
+            report.rows.append(row)
             installed.setdefault(rule.name, []).append(name)
     for rule in rules:
         if rule.after_pass is not None and rule.name in installed:
             nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-            rule.after_pass(gm, [(nodes[name], gm.get_submodule(name)) for name in installed[rule.name]])
+            rule.after_pass(gm, [(nodes[name], gm.get_submodule(name)) for name in installed[rule.name]], report)
 
 
 def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept, dict]:

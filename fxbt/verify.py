@@ -1,62 +1,134 @@
 """Verification: every region against its original subgraph, on the example inputs.
 
 The graph runs once; at each region both the replacement and the original are computed from the same
-inputs and compared (fp32 max abs error). A region whose outputs differ beyond the tolerance is reverted:
-its original subgraph is put back in the graph, and the report row says why. Regions whose output is
-packed (the middle of a fused encoder stack) are compared after unpacking; padded positions, which fused
-encoder blocks leave as zeros by design, are not compared.
+inputs and compared (fp32 max abs error). A region whose outputs differ beyond the tolerance, or whose
+replacement cannot compute the example at all (it raises, or finds a run-time assumption broken), is
+reverted: its original subgraph is put back in the graph, and the report row says why. Regions whose
+output is packed (the middle of a padding-free stack) are compared after unpacking; padded positions,
+which such stacks leave as zeros by design, are not compared.
+
+A graph captured in training mode draws random numbers in dropout, differently in a region and in its
+original; it is verified with dropout off on both sides (`dropout_off`).
 """
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .region import Region, slot_value, inline_region, materialize
+from .canon import canonical_op
+from .region import Region, UseOriginal, inline_region, materialize, slot_value
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_STATE = threading.local()
+
+
+def dropout_is_off() -> bool:
+    """True while verification runs a graph with dropout off (replacements ask this too)."""
+    return getattr(_STATE, "dropout_off", False)
+
+
+@contextlib.contextmanager
+def dropout_off():
+    _STATE.dropout_off = True
+    try:
+        yield
+    finally:
+        _STATE.dropout_off = False
 
 
 def verify(gm: torch.fx.GraphModule, flat_inputs: list, report) -> list[str]:
     """Revert the regions of ``gm`` that disagree with their originals; return their names."""
-    errors: dict[str, float] = {}
+    verdicts: dict[str, tuple[float, float] | str] = {}
 
-    class Checker(torch.fx.Interpreter):
+    class Checker(_DropoutFree):
         def call_module(self, target, args, kwargs):
             module = self.fetch_attr(target)
-            out = super().call_module(target, args, kwargs)
-            if isinstance(module, Region) and module.kernel not in ("deferred",):
-                errors[target] = _difference(out, module, args)
-            return out
+            if not isinstance(module, Region) or module.kernel == "deferred":
+                return super().call_module(target, args, kwargs)
+            count = sum(1 for n in module.original.graph.nodes if n.op == "placeholder")
+            want = _DropoutFree(module.original).run(*map(materialize, args[:count]))
+            try:
+                got = _replacement_of(module, args)
+                verdicts[target] = _difference(want, got, module, args)
+            except Exception as e:  # noqa: BLE001 - a replacement that cannot compute the example is reverted
+                verdicts[target] = str(e) if isinstance(e, UseOriginal) else f"{type(e).__name__}: {e}"
+                return want
+            return got
 
-    with torch.no_grad():
+    with torch.no_grad(), dropout_off():
         Checker(gm).run(*flat_inputs)
-    bad = [name for name, (err, tol) in errors.items() if err > tol]
+    bad = [name for name, v in verdicts.items() if isinstance(v, str) or v[0] > v[1]]
     for name in bad:
         inline_region(gm, name)
-        err, tol = errors[name]
+        verdict = verdicts[name]
+        why = (f"verification: the replacement cannot compute the example ({verdict})" if isinstance(verdict, str)
+               else f"verification: outputs differ by {verdict[0]:.1e} (tolerance {verdict[1]:.0e})")
         for row in report.rows:
             if row.region == name:
-                row.status, row.reason = "rejected", f"verification: outputs differ by {err:.1e} (tolerance {tol:.0e})"
+                row.status, row.reason = "rejected", why
     if bad:
         gm.graph.lint()
         gm.recompile()
     return bad
 
 
-def _difference(out, region: Region, args) -> tuple[float, float]:
-    want = region.original(*map(materialize, args))
+def _replacement_of(region: Region, args):
+    """The region's replacement on ``args``, strictly: no fallback to the original."""
+    reason = region.fallback(region, args) if region.fallback is not None else None
+    if reason:
+        raise UseOriginal(reason)
+    kwargs = {name: slot_value(slot, args) for name, slot in region.slots.items()}
+    if region.wants_training:
+        kwargs["training"] = region.training
+    return region.replacement(**kwargs, **region.params)
+
+
+class _DropoutFree(torch.fx.Interpreter):
+    """Runs a graph with every dropout an identity."""
+
+    def call_function(self, target, args, kwargs):
+        if self._is_dropout():
+            return args[0]
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if self._is_dropout():
+            return args[0]
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.fetch_attr(target), torch.nn.Dropout):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+    def _is_dropout(self) -> bool:
+        return canonical_op(self._current, self.module).op == "dropout"
+
+    def run_node(self, n):
+        self._current = n
+        return super().run_node(n)
+
+
+def _difference(want, out, region: Region, args) -> tuple[float, float]:
     keep = getattr(out, "keep", None)
     got = materialize(out)
     worst, tol = 0.0, 0.0
     for w, g in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             continue
+        if w.shape != g.shape:
+            return float("inf"), 0.0
         diff = (w.float() - g.float()).abs()
+        same_nan = torch.isnan(w) & torch.isnan(g)
+        diff = torch.where(same_nan, torch.zeros_like(diff), torch.nan_to_num(diff, nan=float("inf")))
         if keep is not None and diff.dim() == 3 and diff.shape[:2] == keep.shape:
-            diff = diff * keep[..., None]
+            diff = torch.where(keep[..., None], diff, 0.0)
         elif region.kernel == "fused_encoder" and diff.dim() == 3:
-            diff = diff * _keep_of(region, args, diff)
+            diff = torch.where(_keep_of(region, args, diff), diff, 0.0)
         worst = max(worst, diff.max().item() if diff.numel() else 0.0)
         tol = max(tol, TOLERANCE.get(w.dtype, 1e-5))
     return worst, tol or 1e-5
@@ -69,4 +141,4 @@ def _keep_of(region: Region, args, diff):
     terms = slot_value(region.slots["mask_terms"], args)
     x = slot_value(region.slots["x"], args)
     keep = key_padding(region.params["spec"], terms, x) if isinstance(x, torch.Tensor) else x.keep
-    return torch.ones_like(diff[..., :1]) if keep is None else keep[..., None].to(diff.dtype)
+    return torch.ones_like(diff[..., :1], dtype=torch.bool) if keep is None else keep[..., None]

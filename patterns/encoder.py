@@ -22,8 +22,14 @@ Two implementations compute a matched block; the report's ``impl`` column says w
 Consecutive blocks are linked after the pass: the first gathers the real tokens, the last scatters
 them back to the original padded shape (padded positions are zeros), and nothing in between pays for
 padding. A block whose output is read by anything else (hidden states requested, say) ends the stack
-there, so no caller ever sees a packed or nested value. With gradients enabled, in training mode, or
-when the mask turns out at run time not to be a key-padding mask, a block runs its original subgraph.
+there, so no caller ever sees a packed or nested value. Zeros at padded positions are exact for whatever
+computes position by position up to the outputs; a stack whose output something reads across positions
+(pooling, a convolution over the sequence) is reverted, and one whose output is read at fixed positions
+(a pooler's ``hidden[:, 0]``) packs only calls where those positions are real (fxbt/tokens.py).
+
+A block runs its original subgraph in training mode, when the mask turns out at run time not to be a
+key-padding mask, when no token is real, and (the ``fused`` kernel, which has no autograd) when
+gradients are needed. The ``dense`` implementation is made of differentiable ops.
 """
 from __future__ import annotations
 
@@ -36,8 +42,10 @@ import torch.nn.functional as F
 from fxbt.canon import Const, TensorInfo, origin
 from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, heads
-from fxbt.region import UseOriginal
+from fxbt.region import Slot, UseOriginal, inline_region
+from fxbt.shapes import number, same, sym
 from fxbt.sizes import fixed_value
+from fxbt.tokens import padded_reads
 
 from .attention import MASKED, build_mask
 
@@ -123,11 +131,17 @@ class Packed:
 def key_padding(spec, mask_terms, x) -> torch.Tensor | None:
     """keep [B, S] from the model's own mask, or None when every token is real; UseOriginal if it is
     not a key-padding mask after all."""
-    b, s, _ = x.shape
-    mask = build_mask(spec.program, mask_terms, torch.float32, (b, 1, s, s))
-    if mask is None:
-        return None
-    mask = mask.expand(b, 1, s, s) if mask.dim() == 4 else mask
+    return key_padding_of(spec.program, mask_terms, x.shape[0], x.shape[1])
+
+
+def key_padding_of(program, mask_terms, b: int, s: int) -> torch.Tensor | None:
+    try:
+        mask = build_mask(program, mask_terms, torch.float32, (b, 1, s, s))
+        if mask is None:
+            return None
+        mask = mask.expand(b, 1, s, s) if mask.dim() == 4 else mask
+    except RuntimeError as e:  # the mask does not broadcast to this block's [batch, 1, seq, seq] scores
+        raise UseOriginal(f"the attention mask does not fit the block's input: {e}") from None
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise UseOriginal("the attention mask differs per head")
     row = mask[:, 0, :1, :]
@@ -200,25 +214,23 @@ class QKVPack:
 
 
 def encoder_block(x, mask_terms=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2,
-                  spec: BlockSpec, impl: str, pack_qkv: QKVPack, emit_packed: bool = False, training=False):
+                  spec: BlockSpec, impl: str, pack_qkv: QKVPack, emit_packed: bool = False, reads=(),
+                  training=False):
     if training:
         raise UseOriginal("training mode")
     weights = (wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2)
-    if torch.is_grad_enabled() and any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights):
-        raise UseOriginal("gradients enabled: call under torch.inference_mode() or torch.no_grad()")
+    grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in weights + (
+        x.flat() if isinstance(x, Packed) else x,))
     e = x.shape[-1]
     if impl == "auto":
         impl = DEFAULT_IMPL.get(_device(x).type, "dense")
-    if isinstance(x, Packed):
-        packed = x
-    else:
-        keep = key_padding(spec, mask_terms, x)
-        packed = pack(x, keep, impl) if keep is not None else Packed(
-            x.reshape(-1, e) if impl == "dense" else None, None if impl == "dense" else x, None, None, tuple(x.shape))
+    if grads and impl == "fused":
+        raise UseOriginal("gradients needed: the fused kernel has no autograd (use encoder_impl='dense')")
+    packed = x if isinstance(x, Packed) else _pack_input(x, key_padding(spec, mask_terms, x), impl, reads)
     if spec.qkv_packed:
         qkv_w, qkv_b = wq, _bias(bq, wq)
-    else:
-        qkv_w = pack_qkv.get(wq, wk, wv)
+    else:  # views into one packed weight where no gradient flows; a differentiable concatenation where one does
+        qkv_w = torch.cat([wq, wk, wv]) if grads else pack_qkv.get(wq, wk, wv)
         qkv_b = torch.cat([_bias(bq, wq), _bias(bk, wk), _bias(bv, wv)])
     params = dict(qkv_w=qkv_w, qkv_b=qkv_b, wo=wo, bo=_bias(bo, wo), g1=_ones(g1, e, x), n1=_zeros(n1, e, x),
                   w1=w1, b1=_bias(b1, w1), w2=w2, b2=_bias(b2, w2), g2=_ones(g2, e, x), n2=_zeros(n2, e, x))
@@ -230,6 +242,22 @@ def encoder_block(x, mask_terms=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w
             return out.tokens.view(packed.padded_shape)
         return out.nested
     return out.unpack()
+
+
+def _pack_input(x, keep, impl: str, reads) -> Packed:
+    """The block input without its padding; UseOriginal where the original's behaviour must be kept."""
+    if x.numel() == 0:
+        raise UseOriginal("an empty batch or sequence")
+    e = x.shape[-1]
+    if keep is None:
+        return Packed(x.reshape(-1, e) if impl == "dense" else None, None if impl == "dense" else x, None, None,
+                      tuple(x.shape))
+    if not bool(keep.any()):
+        raise UseOriginal("no token is real")
+    for position in reads:  # positions the stack's output is read at must be real, or they would be zeros
+        if not bool(keep[:, position].all()):
+            raise UseOriginal(f"position {position} is padding in some row and is read after the stack")
+    return pack(x, keep, impl)
 
 
 def _device(x):
@@ -295,12 +323,43 @@ def _fused_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
     return Packed(None, out, packed.keep, packed.index, packed.padded_shape, packed._lengths)
 
 
-def link_stack(gm, installed) -> None:
-    """Let each block hand its packed tokens straight to the next one when nothing else reads them."""
+def link_stack(gm, installed, report) -> None:
+    """Decide which blocks leave zeros at padded positions, then let each block hand its packed tokens
+    straight to the next one when nothing else reads them.
+
+    A block stays padding-free only if what reads its output's padded positions on the way to the outputs
+    computes position by position, or is another padding-free block, or reads fixed positions (checked per
+    call), or uses them as attention keys (checked per call against that attention's mask) (fxbt/tokens.py).
+    Reverting one block can expose the padded positions of the block before it, so this runs to a fixed
+    point."""
     by_node = dict(installed)
-    for node, region in installed:
+    kept, found = [node for node, _ in installed], {}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(kept):
+            readers = frozenset(u for u in node.users if u in kept and u.args[by_node[u].slots["x"].index] is node)
+            found[node] = padded_reads(gm, node, readers)
+            if found[node].mixes:
+                _revert(gm, node.target, report, f"padded positions of its output are read: {found[node].mixes}")
+                kept.remove(node)
+                changed = True
+    following = _link(kept, by_node)
+    for stack in _stacks(kept, following):
+        positions = tuple(sorted({p for node in stack for p in found[node].positions}))
+        for node in stack:
+            by_node[node].params["reads"] = positions
+            for reader, _ in found[node].attention:  # padded keys and values: the reader checks its own mask
+                _check_padded_keys(gm, reader, node, by_node[node])
+
+
+def _link(kept, by_node) -> dict:
+    """Block -> the next block, where the next block alone reads its output, with the same mask."""
+    following = {}
+    for node in kept:
+        region = by_node[node]
         users = [u for u in node.users if not is_size_query(u)]  # sizes: a packed value answers those
-        if len(users) != 1 or users[0] not in by_node:
+        if len(users) != 1 or users[0] not in kept:
             continue
         nxt_node, nxt = users[0], by_node[users[0]]
         if nxt.params["impl"] != region.params["impl"] or nxt_node.args[nxt.slots["x"].index] is not node:
@@ -309,6 +368,41 @@ def link_stack(gm, installed) -> None:
                 region.params["spec"].program:
             continue
         region.params["emit_packed"] = True
+        following[node] = nxt_node
+    return following
+
+
+def _check_padded_keys(gm, reader, last, block) -> None:
+    """Give an attention region that reads a stack's output as keys or values the stack's own mask, so that it
+    checks, per call, that its mask gives the padded keys no weight."""
+    region = gm.get_submodule(reader.target)
+    if region.params.get("padding_program") is not None:
+        return
+    terms = [t for t in _mask_terms(last, block)]
+    first = len(reader.args)
+    reader.args = tuple(reader.args) + tuple(terms)
+    region.slots["padding_terms"] = Slot(index=tuple(range(first, first + len(terms))), many=True)
+    region.params["padding_program"] = block.params["spec"].program
+
+
+def _stacks(kept, following) -> list[list]:
+    preceded = set(following.values())
+    stacks = []
+    for node in kept:
+        if node in preceded:
+            continue
+        stack = [node]
+        while stack[-1] in following:
+            stack.append(following[stack[-1]])
+        stacks.append(stack)
+    return stacks
+
+
+def _revert(gm, name: str, report, why: str) -> None:
+    inline_region(gm, name)
+    for row in report.rows:
+        if row.region == name:
+            row.status, row.reason = "rejected", why
 
 
 # --- the check ----------------------------------------------------------------------------------
@@ -327,9 +421,11 @@ def _check(match, norm_first: bool):
     b = match.bindings
     x = b["x"]
     xv = val(origin(x)) if not isinstance(x, Const) else None
-    if not isinstance(xv, TensorInfo) or xv.ndim != 3:
+    if not isinstance(xv, TensorInfo) or xv.ndim != 3 or not isinstance(sym(origin(x)), tuple):
         return Decline("the block input is not a [batch, sequence, hidden] tensor")
-    e = xv.shape[-1]
+    e = number(sym(origin(x))[-1])
+    if e is None:
+        return Decline("the hidden size is not fixed")
     attention = _attention_region(match)
     if isinstance(attention, Decline):
         return attention
@@ -337,7 +433,9 @@ def _check(match, norm_first: bool):
     reason = _check_attention(region, e)
     if reason:
         return Decline(reason)
-    n_heads = val(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0])).shape[1]
+    n_heads = number(sym(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0]))[1])
+    if not n_heads or e % n_heads:
+        return Decline("the number of heads is not fixed, or does not divide the hidden size")
     scale = _scale(g, node, region)
     if scale == "varies":
         return Decline("attention scale is computed at run time from sizes that can change")
@@ -370,7 +468,7 @@ def _check(match, norm_first: bool):
     inputs.update(weights)
     impl = match.options.get("encoder_impl", "auto")
     absorb = tuple(act_nodes) + (linear1,) + ((second_norm,) if second_norm is not None else ())
-    note = "runs the original subgraph with gradients enabled or in training mode"
+    note = "the original runs in training mode, and with gradients on the fused kernel"
     return Accept(inputs, {"spec": spec, "impl": impl, "pack_qkv": QKVPack()}, absorb=absorb, note=note,
                   impl=impl if impl != "auto" else f"auto ({', '.join(f'{d}: {i}' for d, i in DEFAULT_IMPL.items())})")
 
@@ -415,10 +513,10 @@ def _scale(g, node, region):
 
 
 def _per_head_mask(node, region) -> bool:
-    """A mask term with a head dimension: a position bias, not a key-padding mask."""
+    """A mask term that may have a head dimension: a position bias, not a key-padding mask."""
     for term in _mask_terms(node, region):
-        info = val(term) if isinstance(term, torch.fx.Node) else None
-        if isinstance(info, TensorInfo) and info.ndim == 4 and info.shape[1] != 1:
+        shape = sym(term) if isinstance(term, torch.fx.Node) else None
+        if isinstance(shape, tuple) and len(shape) == 4 and shape[1] != 1:
             return True
     return False
 
@@ -448,10 +546,10 @@ def _check_layouts(match, n_heads, e) -> str | None:
         if ops & {"mul", "add", "sub", "neg", "cat"}:
             return "a position encoding (rotary?) is applied to the queries or keys inside the block"
     sdpa = next(k for k in match.keys if g.op(k) == "sdpa")
-    q, k, v = (val(origin(o)) for o in g.operands(sdpa)[:3])
-    b, s = val(origin(match.bindings["x"])).shape[:2]
+    q, k, v = (sym(origin(o)) for o in g.operands(sdpa)[:3])
+    b, s = sym(origin(match.bindings["x"]))[:2]
     want = (b, n_heads, s, e // n_heads)
-    if any(not isinstance(t, TensorInfo) or tuple(t.shape) != want for t in (q, k, v)) or n_heads * want[-1] != e:
+    if any(not same(t, want) for t in (q, k, v)) or n_heads * want[-1] != e:
         return "query, key and value are not [batch, heads, seq, head] splits of the hidden size"
     starts = {o: i for i, o in enumerate(g.operands(sdpa)[:3])}
     parts = {}
@@ -475,9 +573,16 @@ def _layout(steps, heads_shape):
     b, h, s, d = heads_shape
     first = origin(steps[-1][0])
     start = val(first.args[0]) if first.args else None
-    if not isinstance(start, TensorInfo) or tuple(start.shape) != (b, h, s, d) and (
-            len(start.shape) != 3 or tuple(start.shape[:2]) != (b, s) or start.shape[-1] % (h * d)):
+    start_sym = sym(first.args[0]) if first.args else None
+    if not isinstance(start, TensorInfo) or not isinstance(start_sym, tuple):
         return None
+    if not same(start_sym, (b, h, s, d)) and (len(start_sym) != 3 or not same(start_sym[:2], (b, s)) or
+                                              number(start_sym[-1]) is None or number(start_sym[-1]) % (h * d)):
+        return None
+    if not same(sym(origin(steps[0][0])), (b, h, s, d)) and not same(sym(origin(steps[0][0])), (b, s, h * d)):
+        return None  # the layout ops end in the attention's or the hidden layout, for every admitted size
+    # replayed on numbered elements at the example's sizes: the element order the ops make
+    b, s = start.shape[0], start.shape[1] if len(start.shape) == 3 else start.shape[2]
     value = torch.arange(math.prod(start.shape)).view(start.shape)
     for key, _ in reversed(steps):
         try:
@@ -486,7 +591,7 @@ def _layout(steps, heads_shape):
             return None
     if not isinstance(value, torch.Tensor):
         return None
-    if tuple(start.shape) == (b, h, s, d):
+    if start.ndim == 4:
         merged = torch.arange(b * s * h * d).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
         return "merge" if tuple(value.shape) == tuple(merged.shape) and torch.equal(value, merged) else None
     parts = start.shape[-1] // (h * d)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from fxbt.capture import _cache_off
+from fxbt.capture import _cache_off, detached
 
 warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
 RESULTS = Path(__file__).parent / "results"
@@ -18,8 +18,9 @@ _rows: list[dict] = []
 
 
 def reference(model, inputs: dict):
-    """The model's own outputs, with the KV cache off as fxbt captures it."""
-    with torch.no_grad(), _cache_off(model):
+    """The model's own outputs (its own forward, also when fxbt optimized it), with the KV cache off as fxbt
+    captures it."""
+    with torch.no_grad(), _cache_off(model), detached(model):
         return model(**inputs)
 
 

@@ -271,3 +271,75 @@ def inputs(batch=2, seq=7, pad=True, seed=0):
     if pad and batch > 1:
         mask[1, seq // 2:] = 0
     return x, mask
+
+
+# --- models for the soundness tests -------------------------------------------------------------------
+
+
+class SlidingWindow(nn.Module):
+    """Causal attention over the last ``window`` positions, its mask built from sizes alone (arange
+    comparisons): purely causal whenever the sequence is no longer than the window, and not beyond."""
+
+    def __init__(self, window=4):
+        super().__init__()
+        self.window = window
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+
+    def forward(self, x, mask=None):
+        b, s, _ = x.shape
+        d = DIM // HEADS
+        q, k, v = (p(x).view(b, s, HEADS, d).transpose(1, 2) for p in (self.q, self.k, self.v))
+        pos = torch.arange(s, device=x.device)
+        keep = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < self.window)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~keep, float("-inf"))
+        return self.o((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, DIM))
+
+
+class ConvPooledStack(nn.Module):
+    """An encoder stack whose output a convolution then mixes over positions, mask or no mask (CANINE's
+    downsampling, SEW's pooling): padded positions are read there, so they must hold the original's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = Stack(lambda: SizeScaledBlock("head_dim"), layers=2)
+        self.pool = nn.Conv1d(DIM, DIM, 3, padding=1)
+
+    def forward(self, x, mask):
+        return self.pool(self.stack(x, mask).transpose(1, 2)).transpose(1, 2)
+
+
+class PoolerStack(nn.Module):
+    """An encoder stack and a pooler reading position 0 (BERT's): padded only with left padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = Stack(lambda: SizeScaledBlock("head_dim"), layers=2)
+        self.dense = nn.Linear(DIM, DIM)
+
+    def forward(self, x, mask):
+        h = self.stack(x, mask)
+        return h, torch.tanh(self.dense(h[:, 0]))
+
+
+class BiasedStack(nn.Module):
+    """Encoder blocks whose additive mask is not a key-padding mask: ``per_head`` adds an ALiBi-like bias per
+    head, ``local`` lets each token see only its neighbours (the mask differs per query)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.layers = nn.ModuleList(SizeScaledBlock("head_dim") for _ in range(2))
+
+    def forward(self, x, mask):
+        s = x.shape[1]
+        pos = torch.arange(s, device=x.device)
+        distance = (pos[None, :] - pos[:, None]).abs().to(x.dtype)
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        if self.kind == "per_head":
+            slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=x.dtype)
+            bias = bias - slopes[None, :, None, None] * distance
+        else:
+            bias = bias + (distance > 2).to(x.dtype) * -10000.0
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x

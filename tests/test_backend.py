@@ -86,9 +86,10 @@ def test_greedy_generation_matches_eager_with_every_step_rewritten(name, monkeyp
     assert torch.equal(want, got)
     assert all(len(r.rewritten("sdpa")) == config.num_hidden_layers for r in reports()[before:])
     # eager attention never calls SDPA: every call is a rewritten region. One prefill of 6 tokens, then
-    # query length 1 against a cache growing to 13, in every layer.
+    # query length 1 against a cache growing to 13, in every layer; and verification of each graph's regions.
     assert (6, 6) in calls and (1, 13) in calls
-    assert len(calls) == 8 * config.num_hidden_layers
+    graphs = len(reports()[before:])
+    assert len(calls) == (8 + graphs) * config.num_hidden_layers
 
 
 @pytest.mark.slow

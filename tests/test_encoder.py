@@ -123,19 +123,46 @@ def test_attention_probabilities_requested_leave_blocks_unfused(bert):
     assert all("probabilities" in r.reason for r in report.rejected("sdpa"))
 
 
-def test_gradients_or_training_run_the_original_exactly(bert):
+def _real_token_loss(out, mask):
+    weights = torch.randn(out.last_hidden_state.shape, generator=torch.Generator().manual_seed(0))
+    return (out.last_hidden_state * weights * mask[..., None]).sum()
+
+
+@pytest.mark.parametrize("impl", ["dense", "fused"])
+def test_with_gradients_the_dense_path_runs_and_gradients_match(bert, impl):
+    """Gradients enabled (no torch.no_grad()): the dense path is made of differentiable ops and runs; the
+    fused kernel has no autograd and leaves the call to the original. Either way gradients are exact."""
     spec, model = bert
-    gm = fxbt.optimize(model, spec.example())
+    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl, inplace=False)
     inputs = spec.probe()
-    out = gm(**inputs)  # gradients enabled: every block runs its original subgraph (attention still SDPA)
-    assert all(r.last_path.startswith("gradients enabled") for r in _fused_regions(gm))
-    assert out.last_hidden_state.requires_grad
-    want = model(**inputs).last_hidden_state
-    assert (out.last_hidden_state - want).abs().max().item() < TOL  # every position, padded ones too
+    embeds = model.embeddings.word_embeddings(inputs["input_ids"]).detach().requires_grad_()
+    call = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+    got = gm(**call)
+    expected = "replacement" if impl == "dense" else "gradients needed: the fused kernel has no autograd"
+    assert all(r.last_path.startswith(expected) for r in _fused_regions(gm)), [r.last_path for r in _fused_regions(gm)]
+    got_grads = torch.autograd.grad(_real_token_loss(got, inputs["attention_mask"]),
+                                    [embeds] + list(model.parameters()), allow_unused=True)
+    with fxbt.capture.__globals__["detached"](model):
+        want = model(**call)
+    want_grads = torch.autograd.grad(_real_token_loss(want, inputs["attention_mask"]),
+                                     [embeds] + list(model.parameters()), allow_unused=True)
+    assert real_token_error(spec, want, got, inputs) < TOL
+    assert got_grads[0].abs().sum() > 0  # the input's gradient flows (it was silently zero on the fused kernel)
+    for g, w in zip(got_grads, want_grads):  # within 1e-5 of the largest gradient entry
+        assert (g is None) == (w is None) and (g is None or (g - w).abs().max().item() <= TOL * max(1.0, w.abs().max()))
+
+
+def test_training_mode_gets_a_graph_of_its_own_where_blocks_are_not_fused(bert):
+    spec, model = bert
+    gm = fxbt.optimize(model, spec.example(), inplace=False)
     gm.train()
     with torch.no_grad():
-        gm(**inputs)
-    assert all(r.last_path == "training mode" for r in _fused_regions(gm))
+        gm(**spec.probe())
+    report = fxbt.report(gm)
+    assert "training mode switched" in report.history[-1]
+    training_graph = report.reports[0]
+    assert training_graph.rewritten("sdpa") and not training_graph.rewritten("fused_encoder")
+    assert all("training mode" in r.reason for r in training_graph.rejected("fused_encoder"))
     gm.eval()
 
 

@@ -152,7 +152,7 @@ def test_unroll_restores_names_order_and_bits():
     from handwritten import EinsumFusedQKV, inputs
     model = EinsumFusedQKV().eval()
     captured = fxbt.capture(model, inputs()).gm
-    gm = fxbt.optimize(model, inputs())
+    gm = fxbt.api.graph_module(fxbt.optimize(model, inputs()))
     assert any(n.op == "call_module" and n.target.startswith("fxbt_region") for n in gm.graph.nodes)
     unrolled = fxbt.unroll(gm)
     assert [(n.op, str(n.target), n.name) for n in unrolled.graph.nodes] == \

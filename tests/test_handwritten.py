@@ -18,7 +18,7 @@ def test_style_is_rewritten_and_exact(style, frontend):
         with pytest.raises(fxbt.CaptureError, match="- fx: "):
             fxbt.optimize(model, hw.inputs(), frontend=frontend)
         return
-    gm = fxbt.optimize(model, hw.inputs(), frontend=frontend)
+    gm = fxbt.optimize(model, hw.inputs(), frontend=frontend, inplace=False)
     report = fxbt.report(gm)
     assert report.frontend == frontend
     assert len(report.rewritten("sdpa")) == 1, str(report)
@@ -31,24 +31,32 @@ def test_style_is_rewritten_and_exact(style, frontend):
 
 def test_grouped_query_uses_enable_gqa_without_repeating():
     model = hw.GroupedQuery().eval()
-    gm = fxbt.optimize(model, hw.inputs())
+    gm = fxbt.optimize(model, hw.inputs(), inplace=False)
     region = next(m for _, m in fxbt.region.regions(gm))
     assert region.params["gqa"] is True
     k_shape = region.original.graph  # the repeated keys stay inside the region's original only
     assert any(n.target == "repeat_interleave" for n in k_shape.nodes)
-    assert not any(n.target == "repeat_interleave" for n in gm.graph.nodes)
+    assert not any(n.target == "repeat_interleave" for n in fxbt.api.graph_module(gm).graph.nodes)
 
 
-def test_causal_tril_buffer_becomes_is_causal():
+def test_causal_tril_buffer_becomes_is_causal(monkeypatch):
     model = hw.NanoGPTCausal().eval()
-    gm = fxbt.optimize(model, hw.inputs(pad=False))
-    region = next(m for _, m in fxbt.region.regions(gm))
+    gm = fxbt.optimize(model, hw.inputs(pad=False), inplace=False)
+    region = next(m for _, m in fxbt.region.regions(gm) if m.kernel == "sdpa")
     assert region.params["causal"] is True
-    assert fxbt.report(gm).rewritten("sdpa")[0].reason == "is_causal"
+    assert fxbt.report(gm).rewritten("sdpa")[0].reason.startswith("is_causal")
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("is_causal")) or real_sdpa(*a, **k))
+    x, mask = hw.inputs(2, 12, pad=False)
+    with torch.no_grad():
+        assert max_error(model(x, mask), gm(x, mask)) < 1e-5
+    assert calls == [True]
 
 
 def test_causal_plus_padding_is_not_claimed_causal():
-    gm = fxbt.optimize(hw.SplitScaleWhere().eval(), hw.inputs())
+    gm = fxbt.optimize(hw.SplitScaleWhere().eval(), hw.inputs(), inplace=False)
     region = next(m for _, m in fxbt.region.regions(gm))
     assert region.params["causal"] is False
 
@@ -58,7 +66,7 @@ def test_near_miss_is_left_alone(twin):
     torch.manual_seed(0)
     model = twin().eval()
     x, mask = hw.inputs()
-    gm = fxbt.optimize(model, (x, mask))
+    gm = fxbt.optimize(model, (x, mask), inplace=False)
     report = fxbt.report(gm)
     assert not report.rewritten(), str(report)
     reason = hw.NEAR_MISSES[twin]
@@ -72,10 +80,11 @@ def test_near_miss_is_left_alone(twin):
 
 
 def test_a_causal_mask_is_built_only_when_a_region_needs_it(monkeypatch):
-    """Proven-causal regions ignore the mask when query and key lengths match: it is not computed."""
+    """A mask built from sizes alone is built once per size, to prove it causal there; calls at a size
+    already proven use is_causal and never build it."""
     from fxbt.patterns import attention
     model = hw.NanoGPTCausal().eval()
-    gm = fxbt.optimize(model, hw.inputs(pad=False))
+    gm = fxbt.optimize(model, hw.inputs(pad=False), inplace=False)
     deferred = [m for _, m in fxbt.region.regions(gm) if m.kernel == "deferred"]
     assert len(deferred) == 1
     computed = []
@@ -83,6 +92,9 @@ def test_a_causal_mask_is_built_only_when_a_region_needs_it(monkeypatch):
     monkeypatch.setattr(attention.Deferred, "value", lambda self: computed.append(1) or real_value(self))
     x, mask = hw.inputs(2, 12, pad=False)
     with torch.no_grad():
-        assert max_error(model(x, mask), gm(x, mask)) < 1e-5
+        assert max_error(model(x, mask), gm(x, mask)) < 1e-5  # a new size: built once, to prove it causal
+        assert computed == [1]
+        x, mask = hw.inputs(3, 12, pad=False, seed=4)
+        assert max_error(model(x, mask), gm(x, mask)) < 1e-5  # the same sequence length: not built again
         assert identical(fxbt.unroll(gm)(x, mask), model(x, mask))
-    assert computed == []
+    assert computed == [1]

@@ -148,7 +148,7 @@ def check_style(style, data):
     model = Stack(style).eval()
     e = style.heads * style.head_dim
     example = data.draw(batches(e))
-    gm = fxbt.optimize(model, example, frontend="fx")
+    gm = fxbt.optimize(model, example, frontend="fx", inplace=False)
     report = fxbt.report(gm)
     assert len(report.rewritten("sdpa")) + len(report.rewritten("fused_encoder")) >= 1 or style.layers == 0
     x, mask = data.draw(batches(e))

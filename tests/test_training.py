@@ -16,7 +16,7 @@ def _grads(model, loss):
 def test_dropout_zero_training_outputs_and_gradients_equal():
     spec = zoo.SPECS["bert"]
     model = spec.build(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0).train()
-    gm = fxbt.optimize(model, spec.example())
+    gm = fxbt.optimize(model, spec.example(), inplace=False)
     assert len(fxbt.report(gm).rewritten("sdpa")) == spec.attention_sites
     probe = spec.probe()
     want = model(**probe).last_hidden_state
@@ -45,14 +45,16 @@ def test_attention_dropout_goes_to_sdpa_in_training_only():
             return self.drop(torch.softmax(scores, dim=-1)) @ x
 
     model = WithDropout().eval()
-    gm = fxbt.optimize(model, hw.inputs(), frontend="fx")
+    gm = fxbt.optimize(model, hw.inputs(), frontend="fx", inplace=False)
     region = next(m for _, m in regions(gm))
     assert region.params["dropout"] == (0.25, "module")
     assert _dropout_p(region.params["dropout"], training=region.training) == 0.0
     gm.train()
-    assert _dropout_p(region.params["dropout"], training=region.training) == 0.25
     x, mask = hw.inputs(2, 64)
     torch.manual_seed(0)
-    out = gm(x, mask)
+    out = gm(x, mask)  # a new graph, captured in training mode
+    assert "training mode switched" in fxbt.report(gm).history[-1]
+    region = next(m for _, m in regions(gm))
+    assert region.training and _dropout_p(region.params["dropout"], training=region.training) == 0.25
     gm.eval()
     assert not torch.allclose(out, gm(x, mask))  # dropout was applied in training mode only

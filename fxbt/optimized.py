@@ -1,0 +1,276 @@
+"""The optimized model: the user's own model, whose calls run fxbt's graphs.
+
+`fxbt.optimize` touches the model through the one hook PyTorch uses for ``nn.Module.compile()``:
+``module._compiled_call_impl``, which ``module.__call__`` defers to. Everything else is the model's own:
+its class, attributes, config, ``state_dict`` keys, ``.to()``, ``.generate()``, ``.save_pretrained()``.
+`fxbt.restore` removes the hook. Like ``compile()``, a deepcopy or pickle of the model is the plain model.
+
+Each call is served by a `Specialization` whose guards it passes (fxbt/guards.py, fxbt/shapes.py). A call
+that none covers gets a new one, captured, rewritten and verified on that call, kept in a bounded cache and
+listed in the report with the reason it was made. Calls that pass or ask for a KV cache (objects no
+captured graph takes or returns) run through ``torch.compile`` with the fxbt backend, whose dynamo guards
+cover them. A call that cannot be captured, or whose optimized graph raises, runs the model's own forward;
+the report counts those calls and says why.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.modules.module as module_hooks
+import torch.utils._pytree as pytree
+
+from .errors import CaptureError, FxbtError, InputError
+from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque
+from .region import RecomputeCall
+from .shapes import ShapeGuard
+
+
+@dataclass
+class Options:
+    patterns: Any = None
+    frontend: str | None = None
+    encoder_impl: str = "auto"
+    verify: bool = True
+    max_specializations: int = 8
+
+
+@dataclass(eq=False)
+class Specialization:
+    """A graph and the conditions it was captured and proven under."""
+
+    key: tuple
+    shapes: ShapeGuard
+    state: StateGuard
+    gm: torch.fx.GraphModule
+    reason: str
+    calls: int = 0
+    _flat: Callable | None = field(default=None, repr=False)
+    _flat_code: str | None = field(default=None, repr=False)
+
+    @property
+    def report(self):
+        return self.gm.fxbt_report
+
+    def run(self, leaves: list):
+        """Run the graph on flat inputs (the call was bound and guarded already)."""
+        if self._flat is None or self._flat_code is not self.gm.code:
+            self._flat, self._flat_code = flat_forward(self.gm), self.gm.code
+        self.calls += 1
+        outputs = self._flat(self.gm, *leaves)
+        return pytree.tree_unflatten(list(outputs), self.gm._fxbt_out_spec)
+
+
+def flat_forward(gm: torch.fx.GraphModule) -> Callable:
+    """The graph's code taking its flat inputs positionally, without the drop-in binding of ``forward``."""
+    from torch.fx.graph import CodeGen
+    from torch.fx.graph_module import _forward_from_src
+
+    codegen = gm.graph._codegen
+    gm.graph._codegen = CodeGen()
+    try:
+        code = gm.graph.python_code(root_module="self")
+    finally:
+        gm.graph._codegen = codegen
+    return _forward_from_src(code.src, code.globals)
+
+
+class Optimized:
+    """The callable installed as ``model._compiled_call_impl``."""
+
+    def __init__(self, model: torch.nn.Module, options: Options):
+        self.model = model
+        self.options = options
+        self.signature = Signature(model)
+        self.modules = list(model.modules())
+        self.specializations: list[Specialization] = []  # most recently used first
+        self.history: list[str] = []  # every specialization made, and every one dropped, with the reason
+        self.refused: dict[tuple, str] = {}  # call kinds no graph can be captured for: the model's own forward
+        self.original_calls: Counter = Counter()  # reason -> calls run by the model's own forward
+        self.compiled = None  # torch.compile route for calls with KV caches
+        self.compiled_reports: list = []
+        self._lock = threading.RLock()
+
+    # -- the call ------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        m = self.model
+        if m._backward_hooks or m._backward_pre_hooks or module_hooks._global_backward_hooks or \
+                module_hooks._global_backward_pre_hooks:
+            return self._original(args, kwargs, "the model has backward hooks", hooks=True)
+        if m._forward_hooks or m._forward_pre_hooks or module_hooks._global_forward_hooks or \
+                module_hooks._global_forward_pre_hooks:
+            return _with_forward_hooks(m, self.forward, args, kwargs)
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        bound = self.signature.bind(args, kwargs)
+        key = call_key(bound, self.modules)
+        if is_opaque(key) or bound.get("use_cache") is True:
+            return self._compiled_call(args, kwargs)
+        if key in self.refused:
+            return self._original(args, kwargs, self.refused[key])
+        leaves = pytree.tree_leaves(bound)
+        spec = self._find(key, leaves)
+        if spec is None:
+            spec = self._specialize(key, bound, leaves)
+            if spec is None:
+                return self._original(args, kwargs, self.refused[key])
+        try:
+            return spec.run(leaves)
+        except FxbtError:
+            raise
+        except RecomputeCall as e:  # a check in the graph found the fast path cannot serve this call
+            return self._original(args, kwargs, str(e))
+        except Exception as e:  # noqa: BLE001 - whatever broke, the model's own forward decides
+            return self._original(args, kwargs, f"the optimized graph raised {type(e).__name__}: {e}")
+
+    # -- finding and making specializations ------------------------------------------------------
+    def _find(self, key, leaves) -> Specialization | None:
+        for spec in list(self.specializations):
+            if spec.key != key or not spec.shapes(leaves):
+                continue
+            if not spec.state.holds():  # the model changed: this graph can never serve it again
+                self._drop(spec, spec.state.failing(self.model))
+                continue
+            if self.specializations[0] is not spec:
+                self.specializations.remove(spec)
+                self.specializations.insert(0, spec)
+            return spec
+        return None
+
+    def _specialize(self, key, bound, leaves) -> Specialization | None:
+        with self._lock:
+            spec = self._find(key, leaves)  # another thread may have made it meanwhile
+            if spec is not None:
+                return spec
+            reason = self._why_new(key, leaves)
+            try:
+                spec = build(self.model, bound, key, self.options, reason)
+            except CaptureError as e:
+                self.refused[key] = f"no specialization could be captured for this kind of call ({e.short()})"
+                self.history.append(f"refused: {reason}: {e.short()}")
+                return None
+            self.specializations.insert(0, spec)
+            self.history.append(f"specialization made: {reason}")
+            while len(self.specializations) > self.options.max_specializations:
+                self._drop(self.specializations[-1], "least recently used, over the limit of "
+                                                     f"{self.options.max_specializations} specializations")
+            return spec
+
+    def _why_new(self, key, leaves) -> str:
+        same_kind = [s for s in self.specializations if s.key == key]
+        if same_kind:
+            return f"input sizes outside the guards of the others ({same_kind[0].shapes.failing(leaves)})"
+        if self.specializations:
+            return describe_key_difference(key, [s.key for s in reversed(self.specializations)])
+        dropped = [h for h in self.history if h.startswith("specialization dropped")]
+        return dropped[-1].replace("specialization dropped: ", "the model changed: ") if dropped else "first call"
+
+    def _drop(self, spec: Specialization, why: str) -> None:
+        if spec in self.specializations:
+            self.specializations.remove(spec)
+            self.history.append(f"specialization dropped: {why}")
+        self.modules = list(self.model.modules())  # the module tree may have changed
+
+    def add(self, example_args: tuple, example_kwargs: dict, reason: str) -> Specialization:
+        """Make a specialization for an example call now (``fxbt.optimize`` with example inputs)."""
+        bound = self.signature.bind(example_args, example_kwargs)
+        key = call_key(bound, self.modules)
+        if is_opaque(key):
+            raise InputError("the example inputs hold objects no captured graph can take (a KV cache?); "
+                             "optimize with tensor inputs: calls with a cache run through torch.compile")
+        spec = build(self.model, bound, key, self.options, reason)
+        self.specializations.insert(0, spec)
+        self.history.append(f"specialization made: {reason}")
+        return spec
+
+    # -- the other routes ------------------------------------------------------------------------
+    def _original(self, args, kwargs, why: str, hooks: bool = False):
+        self.original_calls[why] += 1
+        run = self.model._call_impl if hooks else self.model.forward
+        try:
+            return run(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
+            raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
+
+    def _compiled_call(self, args, kwargs):
+        if self.compiled is None:
+            from .backend import compile_route
+
+            self.compiled = compile_route(self.model, self.options, self.compiled_reports)
+        try:
+            return self.compiled(*args, **kwargs)
+        except FxbtError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            return self._original(args, kwargs, f"torch.compile raised {type(e).__name__}: {e}")
+
+    def __getstate__(self):  # reached only through a copy of fxbt's own objects, never the model's
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "compiled")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.RLock(), compiled=None)
+
+
+def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, reason: str) -> Specialization:
+    """Capture, rewrite and verify a graph for one kind of call."""
+    from . import registry
+    from .capture import capture
+    from .report import Report
+    from .rewrite import apply_rules
+    from .verify import verify as verify_regions
+
+    rules = registry.select(options.patterns)
+    captured = capture(model, bound, options.frontend)
+    gm = captured.gm
+    report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
+    apply_rules(gm, rules, report, {"encoder_impl": options.encoder_impl})
+    if options.verify:
+        verify_regions(gm, captured.flat_inputs, report)
+    gm.fxbt_report = report
+    return Specialization(key, captured.shapes, StateGuard(model), gm, reason)
+
+
+def _with_forward_hooks(m: torch.nn.Module, forward, args: tuple, kwargs: dict):
+    """``nn.Module._call_impl``'s forward pre-hooks and hooks around ``forward`` (the model's own order)."""
+    pre = {**module_hooks._global_forward_pre_hooks, **m._forward_pre_hooks}
+    for hook_id, hook in pre.items():
+        if hook_id in m._forward_pre_hooks_with_kwargs:
+            result = hook(m, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(m, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    out = forward(*args, **kwargs)
+    hooks = {**module_hooks._global_forward_hooks, **m._forward_hooks}
+    for hook_id, hook in hooks.items():
+        with_kwargs = hook_id in m._forward_hooks_with_kwargs or hook_id in module_hooks._global_forward_hooks_with_kwargs
+        result = hook(m, args, kwargs, out) if with_kwargs else hook(m, args, out)
+        if result is not None:
+            out = result
+    return out
+
+
+# --- installing -------------------------------------------------------------------------------------
+
+
+def installed(module: torch.nn.Module) -> Optimized | None:
+    found = module.__dict__.get("_compiled_call_impl")
+    return found if isinstance(found, Optimized) else None
+
+
+def install(module: torch.nn.Module, dispatcher: Optimized) -> None:
+    if module.__dict__.get("_compiled_call_impl") is not None and installed(module) is None:
+        raise InputError(f"{type(module).__name__} is already compiled (module.compile()); fxbt.optimize the "
+                         "model before compiling it, or use torch.compile(model, backend='fxbt')")
+    module._compiled_call_impl = dispatcher
+
+
+def uninstall(module: torch.nn.Module) -> None:
+    module._compiled_call_impl = None

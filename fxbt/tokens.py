@@ -1,0 +1,171 @@
+"""Token-wise dataflow: where the padded positions of a value can reach.
+
+Padding removal computes only the real tokens and leaves zeros at padded positions. That is exact for
+everything computed position by position (linears, norms, activations, residuals): a padded position of
+the result depends only on padded positions of its inputs. It is not exact where something mixes
+positions — pooling, convolution or a cumulative sum over the sequence, a shift, an upsampling — since
+the original there reads the padded positions' actual values.
+
+`padded_reads` follows a [batch, seq, ...] value through position-wise ops (and layout ops that keep the
+batch and sequence axes apart) to the graph's outputs and says what reads its padded positions:
+
+- positions read by a fixed index (``hidden[:, 0]``, a pooler): exact whenever those positions are real,
+  which the caller checks per call;
+- attention regions that take it as keys or values (cross-attention over an encoder's output): exact
+  whenever the attention's own mask masks every padded key, which that region checks per call (as
+  queries, attention is position-wise: each query's output follows from its own query);
+- otherwise, the first op that mixes positions: the caller must not leave zeros there.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from .canon import canonical_op
+from .meta import is_size_query
+from .shapes import same, sym
+
+# canonical ops computed independently at every position of their inputs
+POSITIONWISE = frozenset({
+    "add", "sub", "mul", "div", "pow", "neg", "sqrt", "rsqrt", "float_cast", "cast", "to_device", "dropout",
+    "contiguous", "clone", "identity", "linear", "layer_norm", "gelu", "relu", "silu", "tanh", "sigmoid",
+    "masked_fill", "where",
+})
+_ELEMENTWISE_NAMES = frozenset({
+    "erf", "exp", "log", "abs", "clamp", "clip", "square", "sin", "cos", "tanh", "sigmoid", "relu", "gelu",
+    "silu", "mish", "softplus", "elu", "leaky_relu", "hardswish", "hardsigmoid", "rms_norm", "detach", "type",
+    "float", "half", "bfloat16", "to", "type_as", "erfc", "reciprocal", "sign", "floor", "ceil", "round",
+})
+_LAST_DIM_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "norm", "softmax", "log_softmax",
+                                  "var", "std", "logsumexp"})
+_LAYOUT = frozenset({"transpose", "permute"})
+
+
+@dataclass
+class PaddedReads:
+    positions: tuple = ()  # sequence positions read by a fixed index
+    attention: list = field(default_factory=list)  # (region call node, "k" or "v") reading it as keys/values
+    mixes: str | None = None  # the first op that mixes positions, in words
+
+
+def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset()) -> PaddedReads:
+    """What reads the padded positions of ``value`` on the way to the outputs. ``through``: users known to
+    read only real positions (the next block of a padding-free stack)."""
+    shape = sym(value)
+    if not isinstance(shape, tuple) or len(shape) < 2:
+        return PaddedReads(mixes=f"{value.name} has no [batch, sequence] symbolic shape")
+    token_axes = shape[:2]
+    found, positions = PaddedReads(), set()
+    frontier, seen = [(value, (0, 1))], {value}
+    while frontier:
+        node, axes = frontier.pop()
+        for user in node.users:
+            if user in seen or user.op == "output" or user in through or is_size_query(user):
+                continue
+            seen.add(user)
+            reader = _attention_reader(gm, user, node, axes)
+            if reader in ("k", "v"):
+                found.attention.append((user, reader))
+                continue
+            if reader == "q":  # each query position's output: its own query against the keys
+                frontier.append((user, axes))
+                continue
+            position = _position_read(user, node) if axes == (0, 1) else None
+            if position is not None:
+                positions.add(position)
+                continue
+            moved = _follow(gm, user, node, axes, token_axes)
+            if isinstance(moved, str):
+                found.mixes = moved
+                return found
+            frontier.append((user, moved))
+    found.positions = tuple(sorted(positions))
+    return found
+
+
+def _attention_reader(gm, user, node, axes) -> str | None:
+    """``node`` ([batch, heads, seq, dim], batch and seq at 0 and -2) as an SDPA region's keys or values."""
+    if user.op != "call_module":
+        return None
+    region = gm.get_submodule(user.target)
+    if getattr(region, "kernel", None) != "sdpa" or "k" not in getattr(region, "slots", {}):
+        return None
+    rank = len(sym(node)) if isinstance(sym(node), tuple) else 0
+    if rank < 3 or axes != (0, rank - 2) or region.params.get("k_transposed"):
+        return None
+    for name in ("q", "k", "v"):
+        slot = region.slots[name]
+        if slot.index is not None and user.args[slot.index] is node:
+            return name
+    return None
+
+
+def _position_read(user: torch.fx.Node, node: torch.fx.Node):
+    """``node[:, p]`` with a constant p: the positions a pooler reads."""
+    if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
+        index = user.args[1]
+        if isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None) and isinstance(index[1], int):
+            return index[1]
+    if user.op in ("call_method", "call_function") and _name(user) == "select" and user.args[0] is node:
+        dim, index = (list(user.args[1:3]) + [None, None])[:2]
+        if dim == 1 and isinstance(index, int):
+            return index
+    return None
+
+
+def _follow(gm, user: torch.fx.Node, node: torch.fx.Node, axes, token_axes):
+    """Where the batch and sequence axes are in ``user``'s output when it computes each (batch, position) from
+    the same (batch, position) of ``node``; otherwise why not."""
+    op = canonical_op(user, gm).op
+    out = sym(user)
+    found = _axes_of(out, token_axes)
+    name = _name(user)
+    if op in POSITIONWISE or name in _ELEMENTWISE_NAMES:
+        return found if found == axes and _not_last(out, found) else f"{user.name} ({op}) changes the [batch, sequence] axes"
+    if op in _LAYOUT and found is not None:
+        return found  # elements move, but each keeps its batch and position
+    if op == "reshape" and axes == (0, 1) and found == (0, 1):
+        return found  # only the dimensions after the sequence are split or merged
+    if op == "getitem" and axes == (0, 1) and found == (0, 1) and _trailing_index(user.args[1]):
+        return found
+    if (op == "softmax" or name in _LAST_DIM_REDUCTIONS) and _over_last_dim(user) and found == axes and \
+            _not_last(sym(node), axes):
+        return found
+    return f"{user.name} ({name}) mixes positions"
+
+
+def _axes_of(shape, token_axes):
+    """The indices of the batch and sequence sizes in ``shape``, when each appears exactly once."""
+    if not isinstance(shape, tuple):
+        return None
+    found = []
+    for size in token_axes:
+        hits = [i for i, s in enumerate(shape) if same(s, size)]
+        if len(hits) != 1:
+            return None
+        found.append(hits[0])
+    return tuple(found)
+
+
+def _not_last(shape, axes) -> bool:
+    return isinstance(shape, tuple) and all(a != len(shape) - 1 for a in axes)
+
+
+def _trailing_index(index) -> bool:
+    return isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None) and index[1] == slice(None)
+
+
+def _over_last_dim(node: torch.fx.Node) -> bool:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    ndim = len(sym(node.args[0])) if isinstance(node.args[0], torch.fx.Node) and isinstance(
+        sym(node.args[0]), tuple) else None
+    return all(isinstance(d, int) and (d == -1 or (ndim is not None and d == ndim - 1)) for d in dims)
+
+
+def _name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
