@@ -294,6 +294,16 @@ def number(value) -> int | float | None:
     return None
 
 
+def fixed(value) -> int | float | None:
+    """The one number a scalar (a constant, or a node computed from sizes) is for every admitted call, or
+    None where it could be another (``q.size(-1) ** -0.5`` is one number: the weights fix the head size;
+    anything read off the sequence length is not)."""
+    if isinstance(value, torch.fx.Node):
+        return number(sym(value)) if isinstance(value.meta.get("fxbt_val"), (int, float)) else None
+    value = getattr(value, "value", value)  # a Const of the canonical view
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def same(a, b) -> bool:
     """Proven equal for every admitted size (structurally equal symbolic sizes)."""
     if a is None or b is None:

@@ -36,8 +36,7 @@ from fxbt.canon import Const, TensorInfo, Virtual, origin
 from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
 from fxbt.region import RecomputeCall, Region, Slot, UseOriginal, boundary, extract, fetch, install
-from fxbt.shapes import number, same, sym
-from fxbt.sizes import fixed_value
+from fxbt.shapes import fixed, number, same, sym
 from fxbt.verify import dropout_is_off
 
 MASKED = -1e4  # scores at or below this get exactly zero probability after softmax (exp underflows)
@@ -729,7 +728,7 @@ def check_existing_sdpa(match) -> Accept | Decline:
              for i, n in enumerate(names)}
     scale = node.kwargs.get("scale")
     if isinstance(scale, torch.fx.Node):  # fine when only sizes the weights fix go into it: q.size(-1) ** -0.5
-        scale = fixed_value(match.graph.gm, scale)
+        scale = fixed(scale)
         if scale is None:
             return Decline("scale is computed at run time from sizes that can change")
     return Accept(

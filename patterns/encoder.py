@@ -43,8 +43,7 @@ from fxbt.canon import Const, TensorInfo, origin
 from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, heads
 from fxbt.region import Slot, UseOriginal, inline_region
-from fxbt.shapes import number, same, sym
-from fxbt.sizes import fixed_value
+from fxbt.shapes import fixed, number, same, sym
 from fxbt.tokens import padded_reads
 
 from .attention import MASKED, build_mask
@@ -505,10 +504,10 @@ def _scale(g, node, region):
     scale, powers = region.params.get("scale"), region.params.get("scale_powers", ())
     terms = region.slots["scale_terms"].args_of(node) if powers else ()
     for term, power in zip(terms, powers):
-        number = fixed_value(g.gm, term)
-        if number is None:
+        value = fixed(term)
+        if value is None:
             return "varies"
-        scale *= number ** power
+        scale *= value ** power
     return scale
 
 
