@@ -99,7 +99,8 @@ def _copy_sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
             for name, value in module.__dict__.items():
                 if isinstance(value, dict):  # _modules, _parameters, _buffers, the hook dicts
                     twin.__dict__[name] = type(value)(value) if isinstance(value, OrderedDict) else dict(value)
-            twin.__dict__.pop("_compiled_call_impl", None)
+            if installed(module):  # the copy is not optimized until fxbt installs it
+                twin.__dict__.pop("forward", None)
             copies[id(module)] = twin
             for name, child in module._modules.items():
                 twin._modules[name] = clone(child) if child is not None else None

@@ -11,8 +11,6 @@ here too (`compile_route`).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx
 
@@ -77,10 +75,10 @@ def fxbt_inductor_backend(gm: torch.fx.GraphModule, example_inputs):
     return compile_fx(rewritten, example_inputs)
 
 
-def compile_route(model: torch.nn.Module, options, sink: list):
-    """The model's own forward compiled with the fxbt backend: for calls no captured graph can serve."""
+def compile_route(forward, options, sink: list):
+    """A model's own ``forward`` compiled with the fxbt backend: for calls no captured graph can serve."""
     def backend(gm, example_inputs):
         return rewrite(gm, example_inputs, options.patterns, {"encoder_impl": options.encoder_impl}, sink,
                        reason="a call with a KV cache (torch.compile)").forward
 
-    return torch.compile(model.forward, backend=functools.partial(backend), dynamic=True)
+    return torch.compile(forward, backend=backend, dynamic=True)

@@ -43,6 +43,7 @@ from . import shapes
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
+from .optimized import detached
 from .serialize import make_picklable
 
 log = logging.getLogger("fxbt")
@@ -120,17 +121,6 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
             return cap
     raise CaptureError(failures, training=model.training)
-
-
-@contextlib.contextmanager
-def detached(model: torch.nn.Module):
-    """The model's own ``__call__`` for the duration, also when fxbt optimized it (capture traces the model)."""
-    saved = model.__dict__.get("_compiled_call_impl")
-    model._compiled_call_impl = None
-    try:
-        yield model
-    finally:
-        model._compiled_call_impl = saved
 
 
 def _shape_guard(gm, frontend, flat_inputs, decisions) -> shapes.ShapeGuard:

@@ -1,9 +1,11 @@
 """The optimized model: the user's own model, whose calls run fxbt's graphs.
 
-`fxbt.optimize` touches the model through the one hook PyTorch uses for ``nn.Module.compile()``:
-``module._compiled_call_impl``, which ``module.__call__`` defers to. Everything else is the model's own:
-its class, attributes, config, ``state_dict`` keys, ``.to()``, ``.generate()``, ``.save_pretrained()``.
-`fxbt.restore` removes the hook. Like ``compile()``, a deepcopy or pickle of the model is the plain model.
+`fxbt.optimize` touches the model in one place: its ``forward``, as an instance attribute (`OptimizedForward`)
+that carries the model's own signature. ``model(...)`` reaches it through ``nn.Module.__call__``, hooks
+and all, and so do libraries that call ``model.forward(...)`` directly (sentence-transformers does).
+Everything else is the model's own: its class, attributes, config, ``state_dict`` keys, ``.to()``,
+``.generate()``, ``.save_pretrained()``. `fxbt.restore` removes the attribute. Like ``nn.Module.compile()``,
+a deepcopy or pickle of the model is the plain model.
 
 Each call is served by a `Specialization` whose guards it passes (fxbt/guards.py, fxbt/shapes.py). A call
 that none covers gets a new one, captured, rewritten and verified on that call, kept in a bounded cache and
@@ -14,14 +16,16 @@ the report counts those calls and says why.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx
-import torch.nn.modules.module as module_hooks
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError, FxbtError, InputError
@@ -80,10 +84,11 @@ def flat_forward(gm: torch.fx.GraphModule) -> Callable:
 
 
 class Optimized:
-    """The callable installed as ``model._compiled_call_impl``."""
+    """The dispatcher behind an optimized model's ``forward``."""
 
     def __init__(self, model: torch.nn.Module, options: Options):
         self.model = model
+        self.own_forward = model.forward  # the model's forward before fxbt (its class's, or one set on it)
         self.options = options
         self.signature = Signature(model)
         self.modules = list(model.modules())
@@ -96,16 +101,6 @@ class Optimized:
         self._lock = threading.RLock()
 
     # -- the call ------------------------------------------------------------------------------
-    def __call__(self, *args, **kwargs):
-        m = self.model
-        if m._backward_hooks or m._backward_pre_hooks or module_hooks._global_backward_hooks or \
-                module_hooks._global_backward_pre_hooks:
-            return self._original(args, kwargs, "the model has backward hooks", hooks=True)
-        if m._forward_hooks or m._forward_pre_hooks or module_hooks._global_forward_hooks or \
-                module_hooks._global_forward_pre_hooks:
-            return _with_forward_hooks(m, self.forward, args, kwargs)
-        return self.forward(*args, **kwargs)
-
     def forward(self, *args, **kwargs):
         bound = self.signature.bind(args, kwargs)
         key = call_key(bound, self.modules)
@@ -189,11 +184,10 @@ class Optimized:
         return spec
 
     # -- the other routes ------------------------------------------------------------------------
-    def _original(self, args, kwargs, why: str, hooks: bool = False):
+    def _original(self, args, kwargs, why: str):
         self.original_calls[why] += 1
-        run = self.model._call_impl if hooks else self.model.forward
         try:
-            return run(*args, **kwargs)
+            return self.own_forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
 
@@ -201,7 +195,7 @@ class Optimized:
         if self.compiled is None:
             from .backend import compile_route
 
-            self.compiled = compile_route(self.model, self.options, self.compiled_reports)
+            self.compiled = compile_route(self.own_forward, self.options, self.compiled_reports)
         try:
             return self.compiled(*args, **kwargs)
         except FxbtError:
@@ -235,42 +229,62 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
     return Specialization(key, captured.shapes, StateGuard(model), gm, reason)
 
 
-def _with_forward_hooks(m: torch.nn.Module, forward, args: tuple, kwargs: dict):
-    """``nn.Module._call_impl``'s forward pre-hooks and hooks around ``forward`` (the model's own order)."""
-    pre = {**module_hooks._global_forward_pre_hooks, **m._forward_pre_hooks}
-    for hook_id, hook in pre.items():
-        if hook_id in m._forward_pre_hooks_with_kwargs:
-            result = hook(m, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-        else:
-            result = hook(m, args)
-            if result is not None:
-                args = result if isinstance(result, tuple) else (result,)
-    out = forward(*args, **kwargs)
-    hooks = {**module_hooks._global_forward_hooks, **m._forward_hooks}
-    for hook_id, hook in hooks.items():
-        with_kwargs = hook_id in m._forward_hooks_with_kwargs or hook_id in module_hooks._global_forward_hooks_with_kwargs
-        result = hook(m, args, kwargs, out) if with_kwargs else hook(m, args, out)
-        if result is not None:
-            out = result
-    return out
-
-
 # --- installing -------------------------------------------------------------------------------------
 
 
+class OptimizedForward:
+    """``model.forward`` while fxbt optimizes the model: the dispatcher, with the model's own signature
+    (pipelines and ``generate()`` read it to choose what to pass)."""
+
+    def __init__(self, dispatcher: Optimized):
+        self.dispatcher = dispatcher
+        self.__signature__ = inspect.signature(dispatcher.own_forward)
+        self.__wrapped__ = dispatcher.own_forward
+        self.__doc__ = getattr(dispatcher.own_forward, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        return self.dispatcher.forward(*args, **kwargs)
+
+    def __deepcopy__(self, memo):  # a copy of the model is the plain model, as with nn.Module.compile()
+        return _own_forward(memo.get(id(self.dispatcher.model), self.dispatcher.model))
+
+    def __reduce__(self):
+        return _own_forward, (self.dispatcher.model,)
+
+
+def _own_forward(model: torch.nn.Module):
+    return types.MethodType(type(model).forward, model)
+
+
 def installed(module: torch.nn.Module) -> Optimized | None:
-    found = module.__dict__.get("_compiled_call_impl")
-    return found if isinstance(found, Optimized) else None
+    found = module.__dict__.get("forward")
+    return found.dispatcher if isinstance(found, OptimizedForward) else None
 
 
 def install(module: torch.nn.Module, dispatcher: Optimized) -> None:
-    if module.__dict__.get("_compiled_call_impl") is not None and installed(module) is None:
-        raise InputError(f"{type(module).__name__} is already compiled (module.compile()); fxbt.optimize the "
-                         "model before compiling it, or use torch.compile(model, backend='fxbt')")
-    module._compiled_call_impl = dispatcher
+    module.forward = OptimizedForward(dispatcher)
 
 
 def uninstall(module: torch.nn.Module) -> None:
-    module._compiled_call_impl = None
+    dispatcher = installed(module)
+    if dispatcher is None:
+        return
+    own = dispatcher.own_forward
+    if getattr(own, "__func__", None) is type(module).forward and getattr(own, "__self__", None) is module:
+        del module.forward
+    else:  # a forward set on the instance before fxbt (accelerate's hooks, say): put it back
+        module.forward = own
+
+
+@contextlib.contextmanager
+def detached(model: torch.nn.Module):
+    """The model's own forward for the duration, also when fxbt optimized it (capture traces the model)."""
+    dispatcher = installed(model)
+    if dispatcher is None:
+        yield model
+        return
+    model.forward = dispatcher.own_forward
+    try:
+        yield model
+    finally:
+        model.forward = OptimizedForward(dispatcher)

@@ -65,7 +65,7 @@ def sdpa_attention(q, k, v, mask_terms=(), scale_terms=(), padding_terms=(), *, 
     if padding_program is not None:
         _padded_keys_are_masked(mask, padding_program, padding_terms, k)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-    return out if mask is None else _fully_masked_rows(out, mask, replaces)
+    return out if mask is None else _fully_masked_rows(out, mask, replaces, q, k, scale)
 
 
 def _padded_keys_are_masked(mask, program, terms, k) -> None:
@@ -86,17 +86,28 @@ def _padded_keys_are_masked(mask, program, terms, k) -> None:
                             "does not mask")
 
 
-def _fully_masked_rows(out, mask, replaces: bool):
-    """Rows whose every key is masked: NaN where the mask is -inf throughout (the original's softmax of -inf
-    everywhere; SDPA returns 0 there), and the original subgraph where masked scores are replaced by a
-    finite fill value (the original averages the values; SDPA softmaxes the scores)."""
+def _fully_masked_rows(out, mask, replaces: bool, q, k, scale):
+    """Rows whose every key is masked. Where the mask is -inf throughout, the original's softmax is NaN
+    (SDPA returns 0): NaN. Where masked scores are replaced by a finite fill value, the original takes the
+    softmax of the fills, SDPA of score + fill: the same numbers when no score can move the fill by one
+    unit in the last place (finfo.min fills: scores below 1e31), which a bound on |q|·|k| shows; otherwise
+    the original subgraph computes the call."""
     dead = (mask <= MASKED).all(-1)
     if not bool(dead.any()):
         return out
     everywhere_inf = torch.isneginf(mask).all(-1)
-    if replaces and bool((dead & ~everywhere_inf).any()):
-        raise UseOriginal("a query row has every key masked by a finite fill value")
+    finite = dead & ~everywhere_inf
+    if replaces and bool(finite.any()) and not _scores_vanish_beside(mask, finite, q, k, scale):
+        raise UseOriginal("a query row has every key masked by a fill value scores could move")
     return out.masked_fill(everywhere_inf[..., None], float("nan"))
+
+
+def _scores_vanish_beside(mask, rows, q, k, scale) -> bool:
+    """Every |score| is below half a unit in the last place of every masked value of these rows."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bound = (q.float().norm(dim=-1).amax() * k.float().norm(dim=-1).amax() * abs(float(scale))).item()
+    smallest = mask.expand(*rows.shape, mask.shape[-1])[rows].abs().min().item()
+    return bound < torch.finfo(mask.dtype).eps * smallest / 4
 
 
 def _dropout_p(dropout, training: bool) -> float:

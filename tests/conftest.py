@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from fxbt.capture import _cache_off, detached
+from fxbt.capture import _cache_off
+from fxbt.optimized import detached
 
 warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
 RESULTS = Path(__file__).parent / "results"

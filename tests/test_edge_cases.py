@@ -110,7 +110,7 @@ def test_deepcopy_state_dict_and_pickle_round_trips(bert):
     assert set(optimized.state_dict()) == set(model.state_dict())
     # like nn.Module.compile(): a copy is the plain model, computing exactly what the original does
     clone = copy.deepcopy(optimized)
-    assert not isinstance(clone.__dict__.get("_compiled_call_impl"), fxbt.optimized.Optimized)
+    assert fxbt.optimized.installed(clone) is None and fxbt.optimized.installed(optimized) is not None
     with torch.inference_mode():
         assert torch.equal(clone(**probe).last_hidden_state, want)
     fxbt.optimize(clone, spec.example())

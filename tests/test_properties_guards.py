@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxbt
-from fxbt.capture import detached
+from fxbt.optimized import detached
 from test_properties import Layer, Style, styles
 
 EXAMPLES = int(os.environ.get("FXBT_GUARD_EXAMPLES", "300"))
