@@ -41,6 +41,21 @@ def is_size_query(node: torch.fx.Node) -> bool:
     return False
 
 
+def depends_on_sizes(node: torch.fx.Node) -> bool:
+    """Does this value read a tensor's size (not only its dtype or device) on the way from the inputs?"""
+    seen, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_size_query(n) and not (n.op == "call_function" and n.target is getattr and n.args[1] in
+                                     ("dtype", "device")):
+            return True
+        frontier.extend(n.all_input_nodes)
+    return False
+
+
 def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Nodes whose value is a function of input sizes, parameters and buffers alone (so, for given sizes and
     weights, always the same value: random and uninitialised tensors are not)."""

@@ -122,7 +122,7 @@ def _dynamo_conditions(env, placeholder_names: list[str], input_names: list[str]
     stand_in, values = {}, _hints(env)
     for symbol, sources in env.var_to_sources.items():
         for source in sources:
-            if source.name.startswith("L['self']") and symbol in values:
+            if _parameter_size(source.name) and symbol in values:
                 # a size of the model's own parameter or buffer: fixed, as the StateGuard checks on every call
                 stand_in[symbol] = sympy.Integer(int(values[symbol]))
                 break
@@ -141,6 +141,11 @@ def _dynamo_conditions(env, placeholder_names: list[str], input_names: list[str]
         text = PythonPrinter().doprint(expr.xreplace(stand_in))
         conditions.append(_STAND_IN.sub(lambda m: f"L['t{m[1]}'].size()[{m[2]}]", text))
     return conditions
+
+
+def _parameter_size(source_name: str) -> bool:
+    """A size of one of the model's own tensors (not a value of one of its attributes: those can change)."""
+    return source_name.startswith("L['self']") and _DIM_SOURCE.fullmatch(source_name) is not None
 
 
 def _hints(env) -> dict:
@@ -194,7 +199,7 @@ def _rewrites(env) -> dict:
         return {}
     values = _hints(env)
     constants = {symbol: sympy.Integer(int(values[symbol])) for symbol, sources in env.var_to_sources.items()
-                 if sources and all(s.name.startswith("L['self']") for s in sources) and symbol in values}
+                 if sources and all(_parameter_size(s.name) for s in sources) and symbol in values}
     return {**{k.xreplace(constants): v for k, v in _equalities(env, constants).items()}, **constants}
 
 

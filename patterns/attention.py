@@ -727,7 +727,9 @@ def existing_sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def call_sdpa(q, k, v, mask, *, dropout_p, is_causal, scale, enable_gqa):
+def call_sdpa(q, k, v, mask, scale_terms=(), *, dropout_p, is_causal, scale, scale_powers, enable_gqa):
+    for term, power in zip(scale_terms, scale_powers):  # a scale read at run time (a module attribute)
+        scale = (1.0 if scale is None else scale) * term**power
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=enable_gqa)
 
@@ -737,15 +739,13 @@ def check_existing_sdpa(match) -> Accept | Decline:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     given = {n: node.kwargs[n] if n in node.kwargs else (node.args[i] if len(node.args) > i else None)
              for i, n in enumerate(names)}
-    scale = node.kwargs.get("scale")
-    if isinstance(scale, torch.fx.Node):  # fine when only sizes the weights fix go into it: q.size(-1) ** -0.5
-        scale = fixed(scale)
-        if scale is None:
-            return Decline("scale is computed at run time from sizes that can change")
+    scale, terms = node.kwargs.get("scale"), ()
+    if isinstance(scale, torch.fx.Node):  # a number when only sizes the weights fix go into it: q.size(-1) ** -0.5
+        scale, terms = (fixed(scale), ()) if fixed(scale) is not None else (None, (scale,))
     return Accept(
-        inputs={k: match.bindings[k] for k in ("q", "k", "v", "mask")},
+        inputs={**{k: match.bindings[k] for k in ("q", "k", "v", "mask")}, "scale_terms": terms},
         params={"dropout_p": given["dropout_p"] or 0.0, "is_causal": bool(given["is_causal"]), "scale": scale,
-                "enable_gqa": bool(node.kwargs.get("enable_gqa", False))},
+                "scale_powers": (1,) * len(terms), "enable_gqa": bool(node.kwargs.get("enable_gqa", False))},
         note="already SDPA",
     )
 

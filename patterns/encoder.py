@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fxbt.canon import Const, TensorInfo, origin
-from fxbt.meta import is_size_query, val
+from fxbt.meta import depends_on_sizes, is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, heads
 from fxbt.region import Slot, UseOriginal, inline_region
 from fxbt.shapes import fixed, number, same, sym
@@ -212,11 +212,13 @@ class QKVPack:
         self.weight = None
 
 
-def encoder_block(x, mask_terms=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2,
-                  spec: BlockSpec, impl: str, pack_qkv: QKVPack, emit_packed: bool = False, reads=(),
+def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2,
+                  spec: BlockSpec, impl: str, pack_qkv: QKVPack, emit_packed: bool = False, reads=(), expected=(),
                   training=False):
     if training:
         raise UseOriginal("training mode")
+    if tuple(passed_in) != tuple(expected):  # an eps or scale the call passes in (torch.compile lifts them)
+        raise UseOriginal("a LayerNorm eps or attention scale passed in differs from the one the block was built for")
     weights = (wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2)
     grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in weights + (
         x.flat() if isinstance(x, Packed) else x,))
@@ -435,7 +437,7 @@ def _check(match, norm_first: bool):
     n_heads = number(sym(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0]))[1])
     if not n_heads or e % n_heads:
         return Decline("the number of heads is not fixed, or does not divide the hidden size")
-    scale = _scale(g, node, region)
+    scale, passed_in = _scale(node, region)
     if scale == "varies":
         return Decline("attention scale is computed at run time from sizes that can change")
     if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(e // n_heads), rel_tol=1e-6):
@@ -453,7 +455,9 @@ def _check(match, norm_first: bool):
         return Decline(activation)
     second_norm = _second_norm(g, linear1) if norm_first else None
     all_norms = norms + ([second_norm] if second_norm is not None else [])
-    eps = {g.canon(k).attrs.get("eps") for k in all_norms}
+    eps = {_value_or_passed_in(g.canon(k).attrs.get("eps"), passed_in) for k in all_norms}
+    if "varies" in eps:
+        return Decline("a LayerNorm eps is computed from sizes")
     if len(eps) != 1:
         return Decline(f"the two LayerNorm eps differ ({', '.join(map(str, sorted(eps)))})")
     if any(tuple(val(origin(k)).shape[-1:]) != (e,) for k in all_norms):
@@ -463,12 +467,13 @@ def _check(match, norm_first: bool):
         return weights
     spec = BlockSpec(n_heads, float(eps.pop()), activation, norm_first, _mask_program(node, region),
                      1.0 / math.sqrt(e // n_heads), qkv_packed(weights))
-    inputs = {"x": x, "mask_terms": _mask_terms(node, region)}
+    inputs = {"x": x, "mask_terms": _mask_terms(node, region), "passed_in": tuple(passed_in)}
     inputs.update(weights)
     impl = match.options.get("encoder_impl", "auto")
     absorb = tuple(act_nodes) + (linear1,) + ((second_norm,) if second_norm is not None else ())
     note = "the original runs in training mode, and with gradients on the fused kernel"
-    return Accept(inputs, {"spec": spec, "impl": impl, "pack_qkv": QKVPack()}, absorb=absorb, note=note,
+    params = {"spec": spec, "impl": impl, "pack_qkv": QKVPack(), "expected": tuple(val(n) for n in passed_in)}
+    return Accept(inputs, params, absorb=absorb, note=note,
                   impl=impl if impl != "auto" else f"auto ({', '.join(f'{d}: {i}' for d, i in DEFAULT_IMPL.items())})")
 
 
@@ -498,17 +503,34 @@ def _check_attention(region, e) -> str | None:
     return None
 
 
-def _scale(g, node, region):
-    """The attention's scale as a number (None: SDPA's default), with the terms computed at run time
-    resolved when sizes the weights fix are all they read; "varies" when one could change."""
+def _value_or_passed_in(value, passed_in: list):
+    """A constant, or a graph scalar: its one value (fixed by the weights), or "varies" (it reads a size), or the
+    example's value with the node added to ``passed_in`` (a module attribute torch.compile lifts to an input)."""
+    if not isinstance(value, torch.fx.Node):
+        return value
+    if fixed(value) is not None:
+        return fixed(value)
+    if depends_on_sizes(value):
+        return "varies"
+    passed_in.append(value)
+    return val(value)
+
+
+def _scale(node, region):
+    """The attention's scale on the example (None: SDPA's default) and the terms of it a call passes in.
+
+    A term is a number where only sizes the weights fix go into it; "varies" where it reads a size that can
+    change (the sequence length); passed in where it is a value (a module attribute torch.compile lifts to an
+    input), which the block checks against the example's on every call."""
     scale, powers = region.params.get("scale"), region.params.get("scale_powers", ())
     terms = region.slots["scale_terms"].args_of(node) if powers else ()
+    passed_in = []
     for term, power in zip(terms, powers):
-        value = fixed(term)
-        if value is None:
-            return "varies"
-        scale *= value ** power
-    return scale
+        value = _value_or_passed_in(term, passed_in)
+        if value == "varies":
+            return "varies", []
+        scale = (1.0 if scale is None else scale) * value ** power
+    return scale, passed_in
 
 
 def _per_head_mask(node, region) -> bool:

@@ -103,3 +103,23 @@ def test_fxbt_composes_with_inductor():
         got = _compile(model, "fxbt_inductor")(x, mask)
         assert max_error(model(x, mask), got) < 1e-5
     assert len(reports()[before:][0].rewritten("sdpa")) == 1
+
+
+def test_compiled_bert_in_eval_mode_removes_padding_and_default_sdpa_models_are_rewritten():
+    """dynamo hands the graph over as a training-mode GraphModule; the graph's own dropout says what was
+    traced, so encoder blocks of a model in eval mode run padding-free. transformers' default SDPA attention
+    (its scale computed from q.size(-1)) is recognised too."""
+    from fxbt.backend import reports
+    spec = zoo.SPECS["bert"]
+    for attn in ("eager", "sdpa"):
+        model = spec.build(attn=attn)
+        compiled = _compile(model)
+        before = len(reports())
+        inputs = zoo.make_inputs(spec, 3, 11, pad=True, seed=4)
+        with torch.no_grad():
+            want, got = reference(model, inputs).last_hidden_state, compiled(**inputs).last_hidden_state
+        real = inputs["attention_mask"][..., None]
+        assert ((want - got).abs() * real).max().item() < 1e-5
+        new = reports()[before:]
+        blocks = [r for report in new for r in report.rewritten("fused_encoder")]
+        assert len(blocks) == zoo.L and all(r.calls.get("fast") for r in blocks), [r.calls for r in blocks]

@@ -180,6 +180,28 @@ def test_a_query_row_with_every_key_masked_gives_nan_like_the_original():
     assert max_error(want[[0, 2]], got[[0, 2]]) < TOL
 
 
+@pytest.mark.parametrize("fill", [-1e9, -1e4])
+def test_a_query_row_with_every_key_masked_by_a_finite_fill_is_exact(fill):
+    """masked_fill with a finite value replaces scores: on a row with no key left the original averages the
+    values. Large fills leave nothing for the scores to move (SDPA then agrees); smaller ones run the original."""
+
+    class FiniteFill(hw.BmmMaskedFill):
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            q, k, v = self.q(x), self.k(x), self.v(x)
+            scores = (q @ k.transpose(-2, -1) * 30.0).masked_fill(mask[:, None, :] == 0, fill)
+            return torch.softmax(scores, dim=-1) @ v
+
+    torch.manual_seed(0)
+    model = FiniteFill().eval()
+    optimized = fxbt.optimize(model, hw.inputs(), frontend="fx", inplace=False)
+    assert fxbt.report(optimized).rewritten("sdpa")
+    x, mask = hw.inputs(3, 6, seed=1)
+    mask[1] = 0
+    with torch.no_grad():
+        assert max_error(model(x, mask), optimized(x, mask)) < TOL
+
+
 def test_a_batch_of_padding_only_gives_the_original_values():
     spec = zoo.SPECS["bert"]
     model = _bert()
