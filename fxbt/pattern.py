@@ -60,6 +60,7 @@ class Accept:
     inputs: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
     absorb: tuple = ()  # extra nodes (keys) that become part of the region
+    outputs: tuple = ()  # the region's outputs, where it has several (the match root otherwise)
     note: str = ""
     impl: str = ""  # which implementation runs, where a kernel has several (shown in the report)
 

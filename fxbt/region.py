@@ -10,8 +10,10 @@ same order, with the same names, as the captured original.
 """
 from __future__ import annotations
 
+import heapq
 import inspect
 import itertools
+import operator
 from collections import Counter
 from typing import Any, Callable
 
@@ -165,18 +167,19 @@ def _python_valued(node: torch.fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and not hasattr(node.meta.get("fxbt_val"), "shape")
 
 
-def escaping(interior: set[torch.fx.Node], root: torch.fx.Node) -> list[torch.fx.Node]:
-    """Interior nodes other than the root whose values are used outside the interior."""
-    return [n for n in interior if n is not root
+def escaping(interior: set[torch.fx.Node], root) -> list[torch.fx.Node]:
+    """Interior nodes other than the root (or roots) whose values are used outside the interior."""
+    roots = set(root) if isinstance(root, tuple) else {root}
+    return [n for n in interior if n not in roots
             and any(u not in interior and not reads_metadata_only(u, n) for u in n.users)]
 
 
-def metadata_stand_ins(interior: set[torch.fx.Node], root: torch.fx.Node, inputs: list[torch.fx.Node]) -> dict | str:
+def metadata_stand_ins(interior: set[torch.fx.Node], root, inputs: list[torch.fx.Node]) -> dict | str:
     """For outside dtype/device reads of interior nodes, an input with the same dtype and device.
 
     Returns {(user, interior node): stand-in input}, or the reason none exists."""
     found = {}
-    for node in interior - {root}:
+    for node in interior - (set(root) if isinstance(root, tuple) else {root}):
         for user in [u for u in node.users if u not in interior and reads_metadata_only(u, node)]:
             info = node.meta.get("fxbt_val")
             stand_in = next((i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), info)), None)
@@ -197,9 +200,10 @@ def _same_dtype_device(a, b) -> bool:
     return all(hasattr(x, "dtype") and hasattr(x, "device") for x in (a, b)) and (a.dtype, a.device) == (b.dtype, b.device)
 
 
-def extract(gm: torch.fx.GraphModule, interior: set[torch.fx.Node], root: torch.fx.Node,
+def extract(gm: torch.fx.GraphModule, interior: set[torch.fx.Node], root,
             inputs: list[torch.fx.Node]) -> torch.fx.GraphModule:
-    """The interior as a standalone GraphModule taking ``inputs`` and returning ``root``."""
+    """The interior as a standalone GraphModule taking ``inputs`` and returning ``root`` (or, for a tuple of
+    roots, the tuple of their values)."""
     sub = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in inputs:
@@ -208,27 +212,72 @@ def extract(gm: torch.fx.GraphModule, interior: set[torch.fx.Node], root: torch.
     for node in gm.graph.nodes:
         if node in interior:
             env[node] = sub.node_copy(node, lambda x: env[x])
-    sub.output(env[root])
+    sub.output(tuple(env[r] for r in root) if isinstance(root, tuple) else env[root])
     return make_picklable(torch.fx.GraphModule(gm, sub, class_name="OriginalSubgraph"))
 
 
-def install(gm: torch.fx.GraphModule, region: Region, interior: set[torch.fx.Node], root: torch.fx.Node,
+def install(gm: torch.fx.GraphModule, region: Region, interior: set[torch.fx.Node], root,
             inputs: list[torch.fx.Node]) -> torch.fx.Node:
-    """Replace ``interior`` (ending in ``root``) by one call of ``region``, named ``fxbt_region_<first free>``."""
+    """Replace ``interior`` (ending in ``root``) by one call of ``region``, named ``fxbt_region_<first free>``.
+
+    With a tuple of roots the region returns a tuple; each root's uses read its element (a ``getitem`` node
+    marked ``fxbt_output_index``), and the graph is put back in topological order around the call."""
     taken = {name for name, _ in gm.named_children()}
     name = next(f"fxbt_region_{i}" for i in itertools.count() if f"fxbt_region_{i}" not in taken)
     region.train(gm.training)  # a new module starts in training mode; follow the graph's mode
     gm.add_submodule(name, region)
-    with gm.graph.inserting_before(root):
+    roots = root if isinstance(root, tuple) else (root,)
+    first = min(roots, key=lambda n: _index(gm.graph, n))
+    with gm.graph.inserting_before(first):
         call = gm.graph.call_module(name, tuple(inputs))
-    call.meta = {k: v for k, v in root.meta.items() if k != "fxbt_pos"}
+    call.meta = {k: v for k, v in first.meta.items() if k != "fxbt_pos"}
     call.meta["fxbt_region"] = name
-    root.replace_all_uses_with(call)
+    if isinstance(root, tuple):
+        for i, r in enumerate(roots):
+            with gm.graph.inserting_after(call):
+                element = gm.graph.call_function(operator.getitem, (call, i))
+            element.meta = {k: v for k, v in r.meta.items() if k != "fxbt_pos"}
+            element.meta["fxbt_output_index"] = i
+            r.replace_all_uses_with(element)
+    else:
+        root.replace_all_uses_with(call)
     for node in reversed([n for n in gm.graph.nodes if n in interior]):
         if node.users:
             raise RewriteError(f"node {node.name} still has users {list(node.users)} after region {name} replaced it")
         gm.graph.erase_node(node)
+    if isinstance(root, tuple):
+        topological_order(gm.graph)
     return call
+
+
+def _index(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
+
+
+def topological_order(graph: torch.fx.Graph) -> None:
+    """Reorder the graph's nodes so that every node follows its inputs, moving as little as possible (the
+    nodes themselves are kept: references to them stay valid)."""
+    order = list(graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in order}
+    ready = [(position[n], n) for n in order if waiting[n] == 0]
+    heapq.heapify(ready)
+    result = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        result.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user))
+    if len(result) != len(order):
+        raise RewriteError("the rewritten graph has a cycle")
+    if result == order:
+        return
+    anchor = graph._root
+    for node in result:
+        anchor.append(node)
+        anchor = node
 
 
 def inline_region(gm: torch.fx.GraphModule, name: str) -> None:
@@ -242,7 +291,13 @@ def inline_region(gm: torch.fx.GraphModule, name: str) -> None:
             if inner.op == "placeholder":
                 continue
             if inner.op == "output":
-                node.replace_all_uses_with(env[inner.args[0]])
+                result = inner.args[0]
+                if isinstance(result, tuple):  # a region of several outputs: each element's reader gets it
+                    for element in list(node.users):
+                        element.replace_all_uses_with(env[result[element.meta["fxbt_output_index"]]])
+                        gm.graph.erase_node(element)
+                else:
+                    node.replace_all_uses_with(env[result])
                 break
             env[inner] = gm.graph.node_copy(inner, lambda x: env[x])
     gm.graph.erase_node(node)
@@ -323,6 +378,8 @@ def _collect(owner, graph, alias, records, top):
             _collect(inner, inner.graph, alias, records, top=False)
             out = next(n for n in inner.graph.nodes if n.op == "output")
             alias[node] = out.args[0]
+        elif "fxbt_output_index" in node.meta:  # an element of a region's outputs: the original's element
+            alias[node] = alias[node.args[0]][node.meta["fxbt_output_index"]]
         elif top or node.op not in ("placeholder", "output"):
             records.append((node, owner))
 

@@ -69,7 +69,7 @@ def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept,
         verdict = Decline(f"check {rule.name} returned False")
     if isinstance(verdict, Decline):
         return verdict
-    root = origin(match.root)
+    root = _roots(match, verdict)
     interior = absorb_size_computations(match.nodes() | {origin(k) for k in verdict.absorb})
     if interior & taken:
         return Decline("overlaps a region already rewritten in this pass")
@@ -77,14 +77,19 @@ def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept,
     if leaks:
         names = ", ".join(sorted(n.name for n in leaks))
         return Decline(f"intermediate value(s) {names} are also used outside the match")
-    stand_ins = metadata_stand_ins(interior, root, boundary(interior, root.graph))
+    stand_ins = metadata_stand_ins(interior, root, boundary(interior, origin(match.root).graph))
     if isinstance(stand_ins, str):
         return Decline(stand_ins)
     return interior, verdict, stand_ins
 
 
+def _roots(match: Match, accept: Accept):
+    """The region's output: the match root, or the tuple of outputs the check named."""
+    return tuple(origin(k) for k in accept.outputs) if accept.outputs else origin(match.root)
+
+
 def _install(gm, rule, match, interior, accept, stand_ins, replaced) -> str:
-    root = origin(match.root)
+    root = _roots(match, accept)
     inputs = boundary(interior, gm.graph)
     position = {n: i for i, n in enumerate(inputs)}
     slots = {name: _slot(value, position, replaced) for name, value in accept.inputs.items()}
@@ -92,7 +97,8 @@ def _install(gm, rule, match, interior, accept, stand_ins, replaced) -> str:
     original = extract(gm, interior, root, inputs)
     region = Region(rule.name, rule.kernel, original, rule.replacement, slots, dict(accept.params), rule.fallback)
     call = install(gm, region, interior, root, inputs)
-    replaced[root] = call
+    if not isinstance(root, tuple):
+        replaced[root] = call
     return call.target
 
 

@@ -51,15 +51,15 @@ class PaddedReads:
     mixes: str | None = None  # the first op that mixes positions, in words
 
 
-def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset()) -> PaddedReads:
-    """What reads the padded positions of ``value`` on the way to the outputs. ``through``: users known to
-    read only real positions (the next block of a padding-free stack)."""
+def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1)) -> PaddedReads:
+    """What reads the padded positions of ``value`` (its batch and sequence axes at ``axes``) on the way to the
+    outputs. ``through``: users known to read only real positions (the rest of a padding-free region)."""
     shape = sym(value)
-    if not isinstance(shape, tuple) or len(shape) < 2:
+    if not isinstance(shape, tuple) or len(shape) < 2 or max(axes) >= len(shape):
         return PaddedReads(mixes=f"{value.name} has no [batch, sequence] symbolic shape")
-    token_axes = shape[:2]
+    token_axes = (shape[axes[0]], shape[axes[1]])
     found, positions = PaddedReads(), set()
-    frontier, seen = [(value, (0, 1))], {value}
+    frontier, seen = [(value, tuple(axes))], {value}
     while frontier:
         node, axes = frontier.pop()
         for user in node.users:

@@ -1,0 +1,81 @@
+"""Packed tokens: the real tokens of a padded batch, one row each, and what a padding-free graph calls.
+
+`Tokens` is one call's packing: which positions of the [batch, sequence] grid hold a real token, their flat
+indices in row-major order, and where each sequence's tokens start among them. A tensor carries the token
+axes somewhere in its shape ([b, s, e] for hidden states, [b, h, s, d] between the head split and attention):
+its packed form is always [T] followed by its other axes in order, T the number of real tokens. `pack`
+gathers the real tokens of a tensor (a size-1 token axis broadcasts), `unpack` scatters them back with zeros
+at padded positions, `logical_size` answers size queries for the padded tensor a packed one stands for.
+All of it is made of differentiable ops.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Tokens:
+    """Which positions of a [batch, sequence] grid are real tokens, for one call."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+        self.batch, self.seq = keep.shape
+        self.index = keep.reshape(-1).nonzero().squeeze(1)  # [T] flat positions of the real tokens
+        self.count = int(self.index.numel())
+        self._lengths: list[int] | None = None
+        self._positions: list[torch.Tensor] | None = None
+        self.cache: dict = {}  # per-call facts shared by the graph's attentions (masks restricted to real tokens)
+
+    def lengths(self) -> list[int]:
+        if self._lengths is None:
+            self._lengths = self.keep.sum(1).tolist()
+        return self._lengths
+
+    def offsets(self) -> list[int]:
+        out, start = [], 0
+        for n in self.lengths():
+            out.append(start)
+            start += n
+        return out
+
+    def positions(self) -> list[torch.Tensor]:
+        """Per sequence, the positions of its real tokens (to take a mask's rows and columns)."""
+        if self._positions is None:
+            self._positions = [row.nonzero().squeeze(1) for row in self.keep]
+        return self._positions
+
+
+def pack(x: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> torch.Tensor:
+    """[..b..s..] (a token axis of size 1 broadcasts) -> [T, the other axes in order]."""
+    sizes = list(x.shape)
+    sizes[b_axis], sizes[s_axis] = tokens.batch, tokens.seq
+    x = x.expand(sizes)
+    others = [d for d in range(x.dim()) if d not in (b_axis, s_axis)]
+    flat = x.permute(b_axis, s_axis, *others).reshape(tokens.batch * tokens.seq, *(sizes[d] for d in others))
+    return flat.index_select(0, tokens.index)
+
+
+def unpack(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> torch.Tensor:
+    """[T, others] -> the padded tensor, zeros at padded positions, token axes where they belong."""
+    others = tuple(packed.shape[1:])
+    full = packed.new_zeros((tokens.batch * tokens.seq,) + others).index_copy(0, tokens.index, packed)
+    full = full.view((tokens.batch, tokens.seq) + others)
+    rank = len(others) + 2
+    order = [0] * rank  # the padded tensor's axis i comes from the unpacked view's axis order[i]
+    rest = iter(range(2, rank))
+    for i in range(rank):
+        order[i] = 0 if i == b_axis else 1 if i == s_axis else next(rest)
+    return full.permute(order)
+
+
+def logical_size(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int, dim=None):
+    """``size()`` / ``size(dim)`` of the padded tensor that ``packed`` stands for."""
+    sizes = list(packed.shape[1:])
+    for axis, size in sorted(((b_axis, tokens.batch), (s_axis, tokens.seq))):
+        sizes.insert(axis, size)
+    if dim is None:
+        return torch.Size(sizes)
+    return sizes[dim]
+
+
+def token_count(packed: torch.Tensor) -> int:
+    return packed.shape[0]

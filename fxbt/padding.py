@@ -1,0 +1,737 @@
+"""Padding removal as a graph pass: which nodes can run on packed tokens, and the graph that runs them.
+
+Starting from an attention (a region the attention pass made), `token_region` grows the set of nodes that
+carry the [batch, sequence] axes of its queries and compute every (batch, position) of their output from the
+same (batch, position) of their inputs: linears, norms of any kind, activations, residuals, elementwise ops
+whose other operands broadcast over the token axes or are per-position tables (rotary cos/sin, position
+embeddings, token-type embeddings), layout ops that keep the two axes apart, embeddings of token ids, and
+attention itself, which runs per sequence. What would read the padded positions of a value leaving the
+region (a convolution over the sequence, a shift, pooling) takes back into the original computation every
+node that value's padded positions depend on (fxbt/tokens.py).
+
+`packed_graph` writes the region again on packed tensors ([T] followed by the other axes, T real tokens):
+the model's own ops, with dims, indices and view sizes translated; attention becomes per-sequence attention;
+values entering are packed, values leaving are unpacked (zeros at padded positions). No block is
+re-implemented, so every norm, activation and position scheme a model uses runs as the model wrote it.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from . import packing
+from .canon import canonical_op
+from .meta import TensorInfo, is_size_query
+from .shapes import same, sym
+from .tokens import POSITIONWISE, padded_reads
+
+# ops computed position by position, named as their targets (beyond the canonical view's POSITIONWISE)
+_POINTWISE_NAMES = frozenset({
+    "add", "sub", "mul", "div", "truediv", "true_divide", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
+    "erf", "erfc", "tanh", "sigmoid", "relu", "gelu", "silu", "mish", "softplus", "elu", "leaky_relu",
+    "hardswish", "hardsigmoid", "sin", "cos", "clamp", "clip", "where", "masked_fill", "reciprocal", "square",
+    "sign", "floor", "ceil", "round", "minimum", "maximum", "dropout", "float", "half", "bfloat16", "double",
+    "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone", "detach", "iadd", "imul", "isub",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+    "__pow__", "__rpow__", "__neg__", "add_", "mul_", "sub_", "div_", "lerp", "addcmul", "nan_to_num",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "and_", "or_", "invert",
+    "__and__", "__or__", "__invert__", "alpha_dropout", "feature_alpha_dropout", "silu_", "relu_", "gelu_",
+})
+_LAST_DIM = frozenset({"linear", "layer_norm", "rms_norm", "softmax", "log_softmax", "mean", "sum", "amax",
+                       "amin", "var", "std", "norm", "logsumexp"})
+_LAYOUT = frozenset({"transpose", "permute", "unsqueeze", "squeeze", "expand", "t"})
+_VIEW = frozenset({"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten"})
+_SPLIT = frozenset({"chunk", "split", "unbind"})
+_JOIN = frozenset({"cat", "concat", "concatenate", "stack"})
+_MODULES = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Dropout, torch.nn.GELU, torch.nn.ReLU, torch.nn.Tanh,
+            torch.nn.SiLU, torch.nn.Identity, torch.nn.Sigmoid, torch.nn.Mish, torch.nn.Hardswish, torch.nn.ELU,
+            torch.nn.Softplus, torch.nn.LeakyReLU, torch.nn.Embedding)
+
+
+@dataclass
+class Region:
+    """Nodes that run on packed tokens, for one pair of token axes."""
+
+    batch: Any  # the symbolic batch size
+    seq: Any  # the symbolic sequence length
+    nodes: set = field(default_factory=set)
+    attentions: list = field(default_factory=list)  # attention region call nodes, in graph order
+    why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
+
+    def axes(self, node) -> tuple[int, int] | None:
+        """Where the token axes are in ``node``'s shape, when each appears exactly once."""
+        shape = sym(node)
+        if not isinstance(shape, tuple):
+            return None
+        found = []
+        for size in (self.batch, self.seq):
+            hits = [i for i, s in enumerate(shape) if same(s, size)]
+            if len(hits) != 1:
+                return None
+            found.append(hits[0])
+        return found[0], found[1]
+
+
+def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region | str:
+    """The nodes around ``attention`` (an attention region's call) that can run on packed tokens."""
+    q = _attention_operand(gm, attention, "q")
+    shape = sym(q) if q is not None else None
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        return "its queries are not [batch, heads, sequence, head dim]"
+    region = Region(shape[0], shape[2])
+    if region.axes(q) != (0, 2):
+        return "the batch and sequence sizes of its queries are not two sizes apart from the others"
+    region.nodes = _connected(gm, attention, region)
+    while _prune(gm, region) | _prune_padded_reads(gm, region) | _prune_reentry(region):
+        pass
+    region.attentions = [n for n in gm.graph.nodes if n in region.nodes and _is_attention(gm, n)]
+    if attention not in region.nodes:
+        return region.why_not.get(attention, "it cannot run on packed tokens")
+    _add_size_queries(region)
+    return region
+
+
+# --- growing ------------------------------------------------------------------------------------------
+
+
+def _connected(gm, seed, region: Region) -> set:
+    """Token-carrying nodes of a supported kind connected to ``seed`` through such nodes."""
+    found, frontier = set(), [seed]
+    while frontier:
+        node = frontier.pop()
+        if node in found:
+            continue
+        why = _syntactic(gm, node, region)
+        if why:
+            region.why_not[node] = why
+            continue
+        found.add(node)
+        frontier.extend(node.all_input_nodes)
+        frontier.extend(node.users)
+    return found
+
+
+def _syntactic(gm, node, region: Region) -> str | None:
+    """None when ``node`` carries the token axes and is of a kind that can run packed."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return "not an operation"
+    if region.axes(node) is None and not _is_attention(gm, node):
+        return "does not carry the batch and sequence axes"
+    if _kind(gm, node) is None:
+        return f"{_name(node)} has no packed form"
+    return None
+
+
+def _kind(gm, node) -> str | None:
+    if _is_attention(gm, node):
+        return "attention"
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, torch.nn.Embedding):
+            return "embedding"
+        return "last_dim" if isinstance(module, _MODULES) or type(module).__name__.endswith("RMSNorm") else None
+    name = _name(node)
+    canon = canonical_op(node, gm).op
+    if name == "embedding":
+        return "embedding"
+    if name in _VIEW or canon == "reshape" and name not in ("squeeze", "unsqueeze"):
+        return "view"
+    if name in _LAYOUT or canon in ("transpose", "permute"):
+        return "layout"
+    if name == "getitem":
+        return "getitem"
+    if name in _SPLIT:
+        return "split"
+    if name in _JOIN:
+        return "join"
+    if canon == "linear" or name in _LAST_DIM or canon in ("layer_norm", "softmax"):
+        return "last_dim"
+    if name in ("matmul", "__matmul__") or canon == "matmul":
+        return "matmul"
+    if canon in POSITIONWISE or name in _POINTWISE_NAMES:
+        return "pointwise"
+    return None
+
+
+# --- pruning ----------------------------------------------------------------------------------------------
+
+
+def _prune(gm, region: Region) -> bool:
+    """Drop nodes whose operands do not fit their packed form; True if any was dropped."""
+    dropped = False
+    for node in _in_order(gm, region.nodes):
+        if node not in region.nodes:
+            continue
+        why = _fits(gm, node, region)
+        if why:
+            region.nodes.discard(node)
+            region.why_not[node] = why
+            dropped = True
+    return dropped
+
+
+def _fits(gm, node, region: Region) -> str | None:
+    kind = _kind(gm, node)
+    out = region.axes(node)
+    inside = [a for a in node.all_input_nodes if a in region.nodes]
+    outside_tokens = [a for a in node.all_input_nodes if a not in region.nodes and _carries_tokens(a, region)]
+    if kind == "attention":
+        return _attention_fits(gm, node, region)
+    if not inside and not (kind == "embedding" and outside_tokens) and not (kind == "pointwise" and
+                                                                           outside_tokens):
+        return "no operand runs on packed tokens"
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if kind in ("last_dim", "matmul"):
+        if first not in region.nodes:
+            return "its input does not run on packed tokens"
+        if len(inside) > 1 or outside_tokens:
+            return "it mixes two values with token axes"
+        rank = len(sym(first))
+        return "it works over the sequence axis" if rank - 1 in region.axes(first) or out != region.axes(first) \
+            else (_last_dim_only(node) if kind == "last_dim" else None)
+    if kind == "pointwise":
+        for operand in node.all_input_nodes:
+            if operand in region.nodes and (region.axes(operand) != out or len(sym(operand)) != len(sym(node))):
+                return "its operands hold the token axes in other places"
+            if operand not in region.nodes and _is_tensor(operand) and not _alignable(operand, node, region):
+                return f"operand {operand.name} does not broadcast over the token axes"
+        return None
+    if kind == "embedding":
+        ids = node.args[0]
+        return None if ids in region.nodes or _alignable(ids, node, region, drop_last=True) else \
+            "its token ids do not run on packed tokens"
+    if first not in region.nodes or len(inside) > 1 and kind != "join":
+        return "its input does not run on packed tokens"
+    if kind == "view":
+        return None if region.axes(first) == (0, 1) and out == (0, 1) else \
+            "it reshapes across the batch or sequence axis"
+    if kind == "getitem":
+        return _getitem_fits(node, region)
+    if kind in ("layout", "split"):
+        return _dims_fit(node, region)
+    if kind == "join":
+        return None if all(a in region.nodes for a in _join_inputs(node)) and _dims_fit(node, region) is None \
+            else "it joins values that do not all run on packed tokens"
+    return "no packed form"
+
+
+def _attention_fits(gm, node, region: Region) -> str | None:
+    attention = gm.get_submodule(node.target)
+    if attention.params.get("k_transposed"):
+        return "its keys are stored transposed"
+    for name in ("q", "k", "v"):
+        operand = _attention_operand(gm, node, name)
+        if operand not in region.nodes or region.axes(operand) != (0, 2) or len(sym(operand)) != 4:
+            return f"its {'queries' if name == 'q' else 'keys' if name == 'k' else 'values'} do not run on " \
+                   "packed tokens"
+    return None
+
+
+def _last_dim_only(node) -> str | None:
+    """softmax and reductions: only over the last axis."""
+    name = _name(node)
+    if name in ("softmax", "log_softmax", "mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp"):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        rank = len(sym(node.args[0]))
+        dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+        if not all(isinstance(d, int) and d % rank == rank - 1 for d in dims):
+            return "it reduces over another axis than the last"
+    return None
+
+
+def _getitem_fits(node, region: Region) -> str | None:
+    index = _full_index(node.args[1], len(sym(node.args[0])))
+    if index is None:
+        return "it indexes with tensors or several ellipses"
+    b, s = region.axes(node.args[0])
+    if index[b] != slice(None) or index[s] != slice(None):
+        return "it indexes the batch or sequence axis"
+    return None
+
+
+def _dims_fit(node, region: Region) -> str | None:
+    """Layout, split and join ops: the dims they name are not token axes (checked on the translation)."""
+    try:
+        _translate_dims(node, region)
+    except _NoPackedForm as e:
+        return str(e)
+    return None
+
+
+def _prune_padded_reads(gm, region: Region) -> bool:
+    """A value leaving the region whose padded positions something reads across positions: take back every
+    node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
+    for node in _in_order(gm, region.nodes):
+        if node not in region.nodes or not _is_tensor(node):
+            continue
+        outside = [u for u in node.users if u not in region.nodes and not is_size_query(u)]
+        if not outside:
+            continue
+        axes = region.axes(node)
+        reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes)
+        if reads.mixes:
+            for taken in _padded_cone(gm, node, region):
+                region.nodes.discard(taken)
+                region.why_not[taken] = f"padded positions reach {reads.mixes}"
+            return True
+    return False
+
+
+def _padded_cone(gm, node, region: Region) -> set:
+    cone, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in cone or n not in region.nodes:
+            continue
+        cone.add(n)
+        if _is_attention(gm, n):
+            frontier.append(_attention_operand(gm, n, "q"))
+        else:
+            frontier.extend(n.all_input_nodes)
+    return cone
+
+
+def _prune_reentry(region: Region) -> bool:
+    """A region runs as one call: no path may leave it and come back. Drop what such a path reaches."""
+    later = set()
+    for node in region.nodes:
+        for user in node.users:
+            if user not in region.nodes:
+                later |= _downstream_outside(user, region)
+    reentered = {n for n in region.nodes if any(a in later for a in n.all_input_nodes)}
+    if not reentered:
+        return False
+    for node in reentered:
+        region.nodes.discard(node)
+        region.why_not[node] = "it reads a value computed from the region outside it"
+    return True
+
+
+def _downstream_outside(node, region: Region) -> set:
+    found, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in found or n in region.nodes:
+            continue
+        found.add(n)
+        frontier.extend(n.users)
+    return found
+
+
+def _add_size_queries(region: Region) -> None:
+    """Size queries of region values, and arithmetic on them that only the region reads: computed inside."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(region.nodes):
+            for user in node.users:
+                if user in region.nodes or _is_tensor(user):
+                    continue
+                if is_size_query(user) or (user.op == "call_function" and all(
+                        a in region.nodes or not _is_tensor(a) and a.op != "placeholder"
+                        for a in user.all_input_nodes) and all(u in region.nodes or not _is_tensor(u)
+                                                                for u in user.users)):
+                    region.nodes.add(user)
+                    changed = True
+
+
+# --- the packed graph ------------------------------------------------------------------------------------
+
+
+class _NoPackedForm(Exception):
+    pass
+
+
+@dataclass
+class Packed:
+    """What `packed_graph` made: the graph, the values it reads and the values it gives back."""
+
+    graph: torch.fx.GraphModule
+    inputs: list  # outside nodes, in the placeholders' order
+    outputs: list  # region nodes whose values leave the region, in the output tuple's order
+    output_axes: list  # per output: its token axes (None for a Python value)
+
+
+def packed_graph(gm: torch.fx.GraphModule, region: Region, make_tokens: Callable, tokens_inputs: list,
+                 attention: Callable) -> Packed:
+    """The region's nodes written again on packed tokens.
+
+    ``make_tokens(*tokens_inputs, batch, seq)`` computes the call's `packing.Tokens` (from the model's own mask);
+    ``attention(q, k, v, tokens, *call_args, region=...)`` runs one attention region per sequence."""
+    builder = _Builder(gm, region)
+    return builder.build(make_tokens, tokens_inputs, attention)
+
+
+class _Builder:
+    def __init__(self, gm, region: Region):
+        self.gm, self.region = gm, region
+        self.graph = torch.fx.Graph()
+        self.inputs: list = []
+        self.env: dict = {}  # region node -> its packed value; outside node -> its placeholder
+        self.packed_operands: dict = {}  # (outside node, b axis, s axis) -> its packed form
+        self.tokens = None
+
+    def build(self, make_tokens, tokens_inputs, attention) -> Packed:
+        nodes = _in_order(self.gm, self.region.nodes)
+        for node in nodes:
+            for a in node.all_input_nodes:
+                if a not in self.region.nodes:
+                    self._input(a)
+        for a in tokens_inputs:
+            self._input(a)
+        batch, seq = self._grid_sizes(nodes)
+        self.tokens = self.graph.call_function(make_tokens, (tuple(self.env[a] for a in tokens_inputs), batch, seq))
+        for node in nodes:
+            self.env[node] = self._translate(node, attention)
+        outputs = [n for n in nodes if any(u not in self.region.nodes for u in n.users)]
+        values, axes = [], []
+        for node in outputs:
+            if _is_tensor(node):
+                b, s = self.region.axes(node)
+                values.append(self.graph.call_function(packing.unpack, (self.env[node], self.tokens, b, s)))
+                axes.append((b, s))
+            else:
+                values.append(self.env[node])
+                axes.append(None)
+        self.graph.output(tuple(values))
+        module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
+        return Packed(module, self.inputs, outputs, axes)
+
+    def _input(self, node):
+        if node not in self.env:
+            self.env[node] = self.graph.placeholder(f"in_{node.name}")
+            self.env[node].meta = dict(node.meta)
+            self.inputs.append(node)
+
+    def _grid_sizes(self, nodes):
+        """The batch and sequence sizes at run time, read off a value entering the region with both axes."""
+        for node in self.inputs:
+            axes = self.region.axes(node) if _is_tensor(node) else None
+            if axes is not None:
+                size = self.graph.call_method("size", (self.env[node],))
+                return (self.graph.call_function(operator.getitem, (size, axes[0])),
+                        self.graph.call_function(operator.getitem, (size, axes[1])))
+        raise _NoPackedForm("no value with both token axes enters the region")
+
+    # -- one node ----------------------------------------------------------------------------------------
+    def _translate(self, node, attention):
+        if not _is_tensor(node) and node not in self._attention_nodes():
+            return self._python(node)
+        kind = _kind(self.gm, node)
+        if kind == "attention":
+            return self._attention(node, attention)
+        if kind == "view":
+            return self._view(node)
+        if kind in ("layout", "split", "join"):
+            return self._with_dims(node)
+        if kind == "getitem":
+            index = _full_index(node.args[1], len(sym(node.args[0])))
+            b, s = self.region.axes(node.args[0])
+            kept = tuple(i for d, i in enumerate(index) if d not in (b, s))
+            return self.graph.call_function(operator.getitem, (self.env[node.args[0]], (slice(None),) + kept))
+        if kind == "embedding":
+            return self._copy(node, lambda a: self._operand(a, node, drop_last=True))
+        return self._copy(node, lambda a: self._operand(a, node))
+
+    def _attention_nodes(self):
+        return self.region.attentions
+
+    def _python(self, node):
+        """A Python value: a size query of a packed value answers for the padded tensor it stands for."""
+        if is_size_query(node) and node.args and node.args[0] in self.region.nodes and _is_tensor(node.args[0]):
+            b, s = self.region.axes(node.args[0])
+            x = self.env[node.args[0]]
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if name in ("size", "sym_size", "int"):
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                return self.graph.call_function(packing.logical_size, (x, self.tokens, b, s, dim))
+            if node.target is getattr and node.args[1] == "shape":
+                return self.graph.call_function(packing.logical_size, (x, self.tokens, b, s))
+            if node.target is getattr:  # dtype, device
+                return self.graph.call_function(getattr, (x, node.args[1]))
+            if name == "dim":
+                return len(sym(node.args[0]))
+            raise _NoPackedForm(f"size query {name}")
+        return self.graph.node_copy(node, lambda a: self.env[a])
+
+    def _copy(self, node, operand):
+        new = self.graph.create_node(node.op, node.target, torch.fx.node.map_arg(node.args, operand),
+                                     torch.fx.node.map_arg(node.kwargs, operand))
+        new.meta = {"fxbt_packed_from": node.name}
+        if _kind(self.gm, node) == "last_dim" or _name(node) in ("softmax", "log_softmax"):
+            new.args, new.kwargs = self._last_dim_args(node, new)
+        return new
+
+    def _last_dim_args(self, node, new):
+        """A dim argument counted from the front names another axis once the token axes are packed."""
+        name = _name(node)
+        if name not in _LAST_DIM - {"linear", "layer_norm", "rms_norm"} and name not in ("softmax", "log_softmax"):
+            return new.args, new.kwargs
+        kwargs = dict(new.kwargs)
+        if "dim" in kwargs:
+            kwargs["dim"] = -1
+            return new.args, kwargs
+        args = list(new.args)
+        if len(args) > 1 and isinstance(args[1], int):
+            args[1] = -1
+        return tuple(args), kwargs
+
+    def _operand(self, a, node, drop_last=False):
+        """A region node's packed value; an outside tensor aligned to ``node``'s packed output: packed where it
+        has the token axes (a per-position table), with the broadcast token axes dropped where it has not."""
+        if a in self.region.nodes:
+            return self.env[a]
+        if not _is_tensor(a):
+            return self.env[a]
+        out = sym(node)
+        b, s = self.region.axes(node)
+        shape = sym(a)
+        rank = len(out) - (1 if drop_last else 0)
+        padded = (1,) * (rank - len(shape)) + tuple(shape)
+        if len(padded) != rank:
+            raise _NoPackedForm(f"operand {a.name} has more axes than the result")
+        if same(padded[b], 1) and same(padded[s], 1):
+            keep = [d for d in range(len(padded)) if d not in (b, s)]
+            lead = rank - len(shape)
+            squeeze = [d - lead for d in (b, s) if d >= lead]
+            if not squeeze:
+                return self.env[a]
+            return self.graph.call_function(_drop_axes, (self.env[a], tuple(squeeze)))
+        key = (a, b, s, rank)
+        if key not in self.packed_operands:
+            lead = rank - len(shape)
+            x = self.env[a]
+            if lead:
+                x = self.graph.call_function(_lead_axes, (x, lead))
+            self.packed_operands[key] = self.graph.call_function(packing.pack, (x, self.tokens, b, s))
+        return self.packed_operands[key]
+
+    def _view(self, node):
+        x = self.env[node.args[0]]
+        name = _name(node)
+        if name in ("view_as", "reshape_as"):
+            other = node.args[1]
+            target = self.env[other] if other in self.region.nodes else None
+            if target is None:
+                raise _NoPackedForm("a view as a tensor outside the region")
+            return self.graph.call_method("reshape", (x, self.graph.call_method("size", (target,))))
+        out = sym(node)
+        sizes = [self._size_arg(d, node) for d in range(len(out))]
+        rest = [v for d, v in enumerate(sizes) if d not in (0, 1)]
+        lead = -1 if all(not (isinstance(v, int) and v == -1) for v in rest) else \
+            self.graph.call_function(packing.token_count, (x,))
+        return self.graph.call_method("reshape", (x, (lead, *rest)))
+
+    def _size_arg(self, d, node):
+        """The size of axis ``d`` of a view's result: its own argument where it names one, else the size."""
+        args = node.args[1:]
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = args[0]
+        if _name(node) in ("view", "reshape") and len(args) == len(sym(node)):
+            value = args[d]
+            return self.env[value] if isinstance(value, torch.fx.Node) else value
+        size = sym(node)[d]
+        if isinstance(size, int):
+            return size
+        raise _NoPackedForm("a view to sizes it does not name")
+
+    def _with_dims(self, node):
+        op, args, kwargs = _translate_dims(node, self.region)
+        args = torch.fx.node.map_arg(args, lambda a: self.env[a])
+        if op is None:  # the token axes moved, the other axes did not: nothing to do
+            return args[0]
+        if isinstance(op, str):
+            return self.graph.call_method(op, args, kwargs)
+        return self.graph.call_function(op, args, kwargs)
+
+    def _attention(self, node, attention):
+        region_module = self.gm.get_submodule(node.target)
+        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
+        return self.graph.call_function(attention, (self.tokens, node.target, tuple(args)))
+
+
+# --- dims --------------------------------------------------------------------------------------------------
+
+
+def _translate_dims(node, region: Region):
+    """(target, args, kwargs) of a layout, split or join op on packed values: its dims counted among the
+    packed axes; target None where only the token axes moved."""
+    name = _name(node)
+    first = _join_inputs(node)[0] if _kind_name(name) == "join" else node.args[0]
+    rank_in = len(sym(first))
+    b_in, s_in = region.axes(first)
+    packed_in = _packed_dims(rank_in, b_in, s_in)
+    if name in ("transpose", "swapaxes", "t", "permute"):
+        out_axes = region.axes(node)
+        perm = _permutation(node, rank_in)
+        order = [packed_in[d] for d in perm if d not in (b_in, s_in)]
+        if order == sorted(order):
+            return None, (first,), {}
+        return "permute", (first, (0, *order)), {}
+    if name in ("unsqueeze",):
+        rank_out = rank_in + 1
+        d = _arg(node, 1, "dim") % rank_out
+        b_out, s_out = region.axes(node)
+        if d in (b_out, s_out):
+            raise _NoPackedForm("it adds an axis where a token axis goes")
+        return "unsqueeze", (first, _packed_dims(rank_out, b_out, s_out)[d]), {}
+    if name == "squeeze":
+        dim = _arg(node, 1, "dim")
+        if dim is None:
+            raise _NoPackedForm("squeeze of every size-1 axis")
+        dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+        packed = tuple(packed_in[d % rank_in] for d in dims)
+        if any(p is None for p in packed):
+            raise _NoPackedForm("it squeezes a token axis")
+        return "squeeze", (first, packed), {}
+    if name in ("expand",):
+        sizes = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) else node.args[1]
+        if len(sizes) != rank_in:
+            raise _NoPackedForm("expand to more axes")
+        return "expand", (first, (-1, *(v for d, v in enumerate(sizes) if d not in (b_in, s_in)))), {}
+    if name in ("chunk", "split", "unbind"):
+        index = {"chunk": 2, "split": 2, "unbind": 1}[name]
+        dim = _arg(node, index, "dim", 0) % rank_in
+        if packed_in[dim] is None:
+            raise _NoPackedForm(f"{name} along a token axis")
+        args = list(node.args) + [None] * (index + 1 - len(node.args))
+        args[index] = packed_in[dim]
+        return (node.target if node.op == "call_method" else node.target), tuple(a for a in args if a is not None) \
+            if name == "unbind" else tuple(args[:index + 1]), {k: v for k, v in node.kwargs.items() if k != "dim"}
+    if name in ("cat", "concat", "concatenate", "stack"):
+        rank_out = len(sym(node))
+        dim = _arg(node, 1, "dim", 0)
+        if name == "stack":
+            b_out, s_out = region.axes(node)
+            d = dim % rank_out
+            if d in (b_out, s_out):
+                raise _NoPackedForm("stack along a token axis")
+            packed_dim = _packed_dims(rank_out, b_out, s_out)[d]
+        else:
+            packed_dim = packed_in[dim % rank_in]
+            if packed_dim is None:
+                raise _NoPackedForm("cat along a token axis")
+        return node.target, (_join_inputs(node), packed_dim), {}
+    raise _NoPackedForm(f"{name} has no packed form")
+
+
+def _kind_name(name) -> str:
+    return "join" if name in _JOIN else name
+
+
+def _packed_dims(rank, b, s) -> list:
+    """Axis d of the padded tensor -> its axis in the packed one (None for the token axes)."""
+    out, nxt = [], 1
+    for d in range(rank):
+        if d in (b, s):
+            out.append(None)
+        else:
+            out.append(nxt)
+            nxt += 1
+    return out
+
+
+def _permutation(node, rank) -> list:
+    name = _name(node)
+    if name == "t":
+        return [1, 0]
+    if name in ("transpose", "swapaxes"):
+        a, c = _arg(node, 1, "dim0") % rank, _arg(node, 2, "dim1") % rank
+        perm = list(range(rank))
+        perm[a], perm[c] = perm[c], perm[a]
+        return perm
+    dims = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) else node.args[1]
+    return [d % rank for d in node.kwargs.get("dims", dims)]
+
+
+def _join_inputs(node):
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    return list(tensors)
+
+
+def _full_index(index, rank):
+    """A getitem index as one entry per axis of the input (Ellipsis expanded), or None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, torch.fx.Node) for i in index) or sum(i is Ellipsis for i in index) > 1:
+        return None
+    if any(i is None for i in index):
+        return None
+    consumed = sum(1 for i in index if i is not Ellipsis)
+    out = []
+    for i in index:
+        if i is Ellipsis:
+            out.extend([slice(None)] * (rank - consumed))
+        else:
+            out.append(i)
+    return out + [slice(None)] * (rank - len(out))
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _drop_axes(x, axes):
+    return x.squeeze(axes) if axes else x
+
+
+def _lead_axes(x, count):
+    return x.reshape((1,) * count + tuple(x.shape))
+
+
+def _alignable(operand, node, region: Region, drop_last=False) -> bool:
+    """An outside operand broadcast against ``node``'s result: it has the token axes at the result's token axes
+    (or 1 there), so it can be packed or have them dropped."""
+    out = sym(node)
+    shape = sym(operand)
+    axes = region.axes(node)
+    if not isinstance(shape, tuple) or axes is None:
+        return not isinstance(shape, tuple)  # a Python value broadcasts
+    rank = len(out) - (1 if drop_last else 0)
+    if len(shape) > rank:
+        return False
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    b, s = axes
+    ok_b = same(padded[b], 1) or same(padded[b], region.batch)
+    ok_s = same(padded[s], 1) or same(padded[s], region.seq)
+    others = [padded[d] for d in range(rank) if d not in (b, s)]
+    no_tokens_elsewhere = not any(same(x, region.batch) or same(x, region.seq) for x in others)
+    return ok_b and ok_s and no_tokens_elsewhere
+
+
+def _carries_tokens(node, region: Region) -> bool:
+    return _is_tensor(node) and region.axes(node) is not None
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node, torch.fx.Node) and isinstance(node.meta.get("fxbt_val"), TensorInfo)
+
+
+def _is_attention(gm, node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return getattr(module, "kernel", None) == "sdpa" and "q" in getattr(module, "slots", {})
+
+
+def _attention_operand(gm, node, name):
+    slot = gm.get_submodule(node.target).slots[name]
+    return node.args[slot.index] if slot.index is not None else None
+
+
+def _in_order(gm, nodes) -> list:
+    """``nodes`` in graph order (region calls have no captured position)."""
+    return [n for n in gm.graph.nodes if n in nodes]
+
+
+def _name(node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _arg(node, index, name, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
