@@ -16,6 +16,7 @@ re-implemented, so every norm, activation and position scheme a model uses runs 
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -60,6 +61,7 @@ class Region:
     seq: Any  # the symbolic sequence length
     nodes: set = field(default_factory=set)
     attentions: list = field(default_factory=list)  # attention region call nodes, in graph order
+    reads: set = field(default_factory=set)  # sequence positions read after the region by a fixed index
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
 
     def axes(self, node) -> tuple[int, int] | None:
@@ -88,7 +90,7 @@ def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region |
     region.nodes = _connected(gm, attention, region)
     while _prune(gm, region) | _prune_padded_reads(gm, region) | _prune_reentry(region):
         pass
-    region.attentions = [n for n in gm.graph.nodes if n in region.nodes and _is_attention(gm, n)]
+    region.attentions = [n for n in gm.graph.nodes if n in region.nodes and is_attention(gm, n)]
     if attention not in region.nodes:
         return region.why_not.get(attention, "it cannot run on packed tokens")
     _add_size_queries(region)
@@ -119,7 +121,7 @@ def _syntactic(gm, node, region: Region) -> str | None:
     """None when ``node`` carries the token axes and is of a kind that can run packed."""
     if node.op not in ("call_function", "call_method", "call_module"):
         return "not an operation"
-    if region.axes(node) is None and not _is_attention(gm, node):
+    if region.axes(node) is None and not is_attention(gm, node):
         return "does not carry the batch and sequence axes"
     if _kind(gm, node) is None:
         return f"{_name(node)} has no packed form"
@@ -127,7 +129,7 @@ def _syntactic(gm, node, region: Region) -> str | None:
 
 
 def _kind(gm, node) -> str | None:
-    if _is_attention(gm, node):
+    if is_attention(gm, node):
         return "attention"
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -204,10 +206,12 @@ def _fits(gm, node, region: Region) -> str | None:
         ids = node.args[0]
         return None if ids in region.nodes or _alignable(ids, node, region, drop_last=True) else \
             "its token ids do not run on packed tokens"
+    if kind == "join":
+        first = _join_inputs(node)[0]
     if first not in region.nodes or len(inside) > 1 and kind != "join":
         return "its input does not run on packed tokens"
     if kind == "view":
-        return None if region.axes(first) == (0, 1) and out == (0, 1) else \
+        return None if _segments(sym(first), region.axes(first), sym(node), out) else \
             "it reshapes across the batch or sequence axis"
     if kind == "getitem":
         return _getitem_fits(node, region)
@@ -248,7 +252,8 @@ def _getitem_fits(node, region: Region) -> str | None:
     if index is None:
         return "it indexes with tensors or several ellipses"
     b, s = region.axes(node.args[0])
-    if index[b] != slice(None) or index[s] != slice(None):
+    consumed = [i for i in index if i is not None]
+    if consumed[b] != slice(None) or consumed[s] != slice(None):
         return "it indexes the batch or sequence axis"
     return None
 
@@ -265,6 +270,7 @@ def _dims_fit(node, region: Region) -> str | None:
 def _prune_padded_reads(gm, region: Region) -> bool:
     """A value leaving the region whose padded positions something reads across positions: take back every
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
+    region.reads = set()
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
             continue
@@ -273,11 +279,14 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             continue
         axes = region.axes(node)
         reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes)
-        if reads.mixes:
+        mixes = reads.mixes or (f"attention {reads.attention[0][0].name}, which reads it as keys or values"
+                                if reads.attention else None)
+        if mixes:
             for taken in _padded_cone(gm, node, region):
                 region.nodes.discard(taken)
-                region.why_not[taken] = f"padded positions reach {reads.mixes}"
+                region.why_not[taken] = f"padded positions reach {mixes}"
             return True
+        region.reads |= set(reads.positions)
     return False
 
 
@@ -288,7 +297,7 @@ def _padded_cone(gm, node, region: Region) -> set:
         if n in cone or n not in region.nodes:
             continue
         cone.add(n)
-        if _is_attention(gm, n):
+        if is_attention(gm, n):
             frontier.append(_attention_operand(gm, n, "q"))
         else:
             frontier.extend(n.all_input_nodes)
@@ -342,7 +351,7 @@ def _add_size_queries(region: Region) -> None:
 # --- the packed graph ------------------------------------------------------------------------------------
 
 
-class _NoPackedForm(Exception):
+class _NoPackedForm(ValueError):
     pass
 
 
@@ -356,14 +365,15 @@ class Packed:
     output_axes: list  # per output: its token axes (None for a Python value)
 
 
-def packed_graph(gm: torch.fx.GraphModule, region: Region, make_tokens: Callable, tokens_inputs: list,
+def packed_graph(gm: torch.fx.GraphModule, region: Region, seed: torch.fx.Node, make_tokens: Callable,
                  attention: Callable) -> Packed:
-    """The region's nodes written again on packed tokens.
+    """The region's nodes written again on packed tokens; the graph returns the region's outputs padded again
+    (zeros at padded positions), then the call's `packing.Tokens`.
 
-    ``make_tokens(*tokens_inputs, batch, seq)`` computes the call's `packing.Tokens` (from the model's own mask);
-    ``attention(q, k, v, tokens, *call_args, region=...)`` runs one attention region per sequence."""
-    builder = _Builder(gm, region)
-    return builder.build(make_tokens, tokens_inputs, attention)
+    ``make_tokens(seed_region, seed_args, batch, seq, reads)`` computes the call's Tokens from the seed attention's
+    mask (its arguments computed inside the region are None there); ``attention(tokens, region, args)`` runs one
+    attention region on packed q, k and v. Raises ValueError for a node with no packed form."""
+    return _Builder(gm, region).build(seed, make_tokens, attention)
 
 
 class _Builder:
@@ -375,16 +385,18 @@ class _Builder:
         self.packed_operands: dict = {}  # (outside node, b axis, s axis) -> its packed form
         self.tokens = None
 
-    def build(self, make_tokens, tokens_inputs, attention) -> Packed:
+    def build(self, seed, make_tokens, attention) -> Packed:
         nodes = _in_order(self.gm, self.region.nodes)
         for node in nodes:
             for a in node.all_input_nodes:
                 if a not in self.region.nodes:
                     self._input(a)
-        for a in tokens_inputs:
-            self._input(a)
         batch, seq = self._grid_sizes(nodes)
-        self.tokens = self.graph.call_function(make_tokens, (tuple(self.env[a] for a in tokens_inputs), batch, seq))
+        seed_args = tuple(None if a in self.region.nodes else self.env[a] if isinstance(a, torch.fx.Node) else a
+                          for a in seed.args)
+        reads = tuple(sorted(self.region.reads))
+        self.tokens = self.graph.call_function(make_tokens, (self.graph.get_attr(seed.target), seed_args, batch, seq,
+                                                              reads))
         for node in nodes:
             self.env[node] = self._translate(node, attention)
         outputs = [n for n in nodes if any(u not in self.region.nodes for u in n.users)]
@@ -397,8 +409,9 @@ class _Builder:
             else:
                 values.append(self.env[node])
                 axes.append(None)
-        self.graph.output(tuple(values))
+        self.graph.output(tuple(values) + (self.tokens,))
         module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
+        module.meta["output_axes"] = axes
         return Packed(module, self.inputs, outputs, axes)
 
     def _input(self, node):
@@ -431,10 +444,14 @@ class _Builder:
         if kind == "getitem":
             index = _full_index(node.args[1], len(sym(node.args[0])))
             b, s = self.region.axes(node.args[0])
-            kept = tuple(i for d, i in enumerate(index) if d not in (b, s))
+            dims = itertools.accumulate((i is not None for i in index), initial=0)  # input axis of each entry
+            kept = tuple(i for d, i in zip(dims, index) if i is None or d not in (b, s))
             return self.graph.call_function(operator.getitem, (self.env[node.args[0]], (slice(None),) + kept))
-        if kind == "embedding":
-            return self._copy(node, lambda a: self._operand(a, node, drop_last=True))
+        if kind == "embedding":  # the token ids are packed, the table is read as it is
+            ids = node.args[0]
+            return self._copy(node, lambda a: self._operand(a, node, drop_last=True) if a is ids else self.env[a])
+        if kind in ("last_dim", "matmul"):  # weights, biases, eps: read as they are
+            return self._copy(node, lambda a: self.env[a])
         return self._copy(node, lambda a: self._operand(a, node))
 
     def _attention_nodes(self):
@@ -521,7 +538,7 @@ class _Builder:
             return self.graph.call_method("reshape", (x, self.graph.call_method("size", (target,))))
         out = sym(node)
         sizes = [self._size_arg(d, node) for d in range(len(out))]
-        rest = [v for d, v in enumerate(sizes) if d not in (0, 1)]
+        rest = [v for d, v in enumerate(sizes) if d not in self.region.axes(node)]
         lead = -1 if all(not (isinstance(v, int) and v == -1) for v in rest) else \
             self.graph.call_function(packing.token_count, (x,))
         return self.graph.call_method("reshape", (x, (lead, *rest)))
@@ -549,9 +566,8 @@ class _Builder:
         return self.graph.call_function(op, args, kwargs)
 
     def _attention(self, node, attention):
-        region_module = self.gm.get_submodule(node.target)
-        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
-        return self.graph.call_function(attention, (self.tokens, node.target, tuple(args)))
+        args = tuple(self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
+        return self.graph.call_function(attention, (self.tokens, self.graph.get_attr(node.target), args))
 
 
 # --- dims --------------------------------------------------------------------------------------------------
@@ -619,6 +635,25 @@ def _translate_dims(node, region: Region):
     raise _NoPackedForm(f"{name} has no packed form")
 
 
+def _segments(shape_in, axes_in, shape_out, axes_out) -> bool:
+    """A reshape that keeps the token axes, in the same order, and reshapes only the axes before, between and
+    after them, each group into one of the same size: on packed tokens it is a reshape of the other axes."""
+    if axes_in is None or axes_out is None or (axes_in[0] < axes_in[1]) != (axes_out[0] < axes_out[1]):
+        return False
+
+    def groups(shape, axes):
+        lo, hi = sorted(axes)
+        return shape[:lo], shape[lo + 1:hi], shape[hi + 1:]
+
+    def product(sizes):
+        out = 1
+        for size in sizes:
+            out = out * size
+        return out
+
+    return all(same(product(a), product(b)) for a, b in zip(groups(shape_in, axes_in), groups(shape_out, axes_out)))
+
+
 def _kind_name(name) -> str:
     return "join" if name in _JOIN else name
 
@@ -658,16 +693,14 @@ def _full_index(index, rank):
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, torch.fx.Node) for i in index) or sum(i is Ellipsis for i in index) > 1:
         return None
-    if any(i is None for i in index):
-        return None
-    consumed = sum(1 for i in index if i is not Ellipsis)
+    consumed = sum(1 for i in index if i is not Ellipsis and i is not None)
     out = []
     for i in index:
         if i is Ellipsis:
             out.extend([slice(None)] * (rank - consumed))
         else:
             out.append(i)
-    return out + [slice(None)] * (rank - len(out))
+    return out + [slice(None)] * (rank - sum(1 for i in out if i is not None))
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -709,7 +742,8 @@ def _is_tensor(node) -> bool:
     return isinstance(node, torch.fx.Node) and isinstance(node.meta.get("fxbt_val"), TensorInfo)
 
 
-def _is_attention(gm, node) -> bool:
+def is_attention(gm, node) -> bool:
+    """``node`` calls an attention region (an SDPA region of the attention pass)."""
     if node.op != "call_module":
         return False
     module = gm.get_submodule(node.target)

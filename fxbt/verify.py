@@ -13,7 +13,9 @@ original; it is verified with dropout off on both sides (`dropout_off`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+from typing import Any
 
 import torch
 import torch.fx
@@ -113,11 +115,18 @@ class _DropoutFree(torch.fx.Interpreter):
         return super().run_node(n)
 
 
+def run_without_dropout(gm: torch.fx.GraphModule, inputs) -> Any:
+    """``gm`` on ``inputs`` with every dropout an identity (a replacement that runs a graph, verified)."""
+    return _DropoutFree(gm).run(*inputs)
+
+
 def _difference(want, out, region: Region, args) -> tuple[float, float]:
     keep = getattr(out, "keep", None)
+    real = getattr(out, "fxbt_real", None)  # per output, where it holds real tokens (padded positions are zeros)
     got = materialize(out)
     worst, tol = 0.0, 0.0
-    for w, g in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
+    leaves = zip(pytree.tree_leaves(want), pytree.tree_leaves(got), real or itertools.repeat(None))
+    for w, g, where in leaves:
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             continue
         if w.shape != g.shape:
@@ -125,7 +134,9 @@ def _difference(want, out, region: Region, args) -> tuple[float, float]:
         diff = (w.float() - g.float()).abs()
         same_nan = torch.isnan(w) & torch.isnan(g)
         diff = torch.where(same_nan, torch.zeros_like(diff), torch.nan_to_num(diff, nan=float("inf")))
-        if keep is not None and diff.dim() == 3 and diff.shape[:2] == keep.shape:
+        if where is not None:
+            diff = torch.where(where, diff, 0.0)
+        elif keep is not None and diff.dim() == 3 and diff.shape[:2] == keep.shape:
             diff = torch.where(keep[..., None], diff, 0.0)
         elif region.kernel == "fused_encoder" and diff.dim() == 3:
             diff = torch.where(_keep_of(region, args, diff), diff, 0.0)

@@ -1,0 +1,231 @@
+"""Padding-free stacks: every node around an attention that can run on the real tokens alone does.
+
+The pattern is one attention (an SDPA region of the attention pass, whatever form the model wrote it in):
+
+    def attention_stack(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+The check grows, from that attention, the region of nodes that carry its batch and sequence axes and compute
+each (batch, position) from the same (batch, position) of their inputs (fxbt/padding.py): embeddings,
+projections, norms, activations, residuals, per-position tables, the other attentions of the stack. That
+region is written again on packed tokens ([T, ...], T the real tokens of the batch): the model's own ops, so no
+block template is assumed, and every norm, activation and position scheme runs as the model wrote it.
+
+At run time the seed attention's own mask says which tokens are real: a key column masked for every query is
+padding. Positions read after the region by a fixed index (a pooler's first token) are computed even where
+they are padding: as queries they follow from the real keys like any token, so they come out exact. Each attention of the region then runs per sequence on that sequence's real tokens, with its mask
+restricted to them (none where it is all zeros, ``is_causal`` where it is causal). It is exact only if every
+real query gives the padded keys no weight, which is checked per call for every attention; a call where it
+does not hold, where nothing is padding, or where a position read after the region is padding, runs the
+original subgraph. Values leaving the region are scattered back with zeros at padded positions; what reads
+them across positions (pooling, a convolution over the sequence) was kept out of the region when it was grown.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxbt.canon import origin
+from fxbt.packing import Tokens
+from fxbt.padding import is_attention, packed_graph, token_region
+from fxbt.pattern import Accept, Decline, Rule
+from fxbt.region import UseOriginal, absorb_size_computations, slot_value
+from fxbt.verify import dropout_is_off, run_without_dropout
+
+from .attention import MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, sdpa_attention
+
+
+def attention_stack(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# --- the replacement ------------------------------------------------------------------------------------
+
+
+class Unpacked(tuple):
+    """The region's outputs, padded again; it marks, per output, the positions that hold real tokens
+    (``fxbt_real``; verification compares only those: padded positions hold zeros by design)."""
+
+    fxbt_real: list
+
+    def fxbt_materialize(self):
+        return tuple(self)
+
+
+def padding_free(inputs, *, graph):
+    *values, tokens = run_without_dropout(graph, inputs) if dropout_is_off() else graph(*inputs)
+    out = Unpacked(values)
+    out.fxbt_real = [None if axes is None else _real_at(tokens, axes, v.dim())
+                for axes, v in zip(graph.meta["output_axes"], values)]
+    return out
+
+
+def _real_at(tokens: Tokens, axes, rank: int) -> torch.Tensor:
+    """``keep`` shaped to broadcast against an output with its token axes at ``axes``."""
+    shape = [1] * rank
+    shape[axes[0]], shape[axes[1]] = tokens.batch, tokens.seq
+    keep = tokens.keep if axes[0] < axes[1] else tokens.keep.t()
+    return keep.reshape(shape)
+
+
+# --- real tokens, from the seed attention's mask -------------------------------------------------------
+
+
+def real_tokens(seed, args, batch: int, seq: int, reads=()) -> Tokens:
+    """The call's real tokens: the key columns the seed attention's mask does not mask for every query."""
+    if batch * seq == 0:
+        raise UseOriginal("an empty batch or sequence")
+    spec = _attention_spec(seed, args, (batch, 1, seq, seq))
+    if spec.mask is None:
+        raise UseOriginal("the attention has no mask: no token is known to be padding")
+    masked = _masked(spec.mask)
+    if masked.shape[-1] != seq:
+        raise UseOriginal("the attention mask does not cover every key")
+    keep = ~masked.all(-2).all(-2).expand(batch, seq)
+    if not bool(keep.any()):
+        raise UseOriginal("no token is real")
+    if reads:  # positions read after the region (a pooler's first token) are computed even where padding
+        keep = keep.clone()
+        keep[:, list(reads)] = True
+    if bool(keep.all()):
+        raise UseOriginal("no token is padding in this call")
+    return Tokens(keep)
+
+
+# --- attention, per sequence ---------------------------------------------------------------------------
+
+
+class _Spec:
+    """One attention call in SDPA's terms: its mask over the padded grid (or None), and its arguments."""
+
+    def __init__(self, mask, is_causal, scale, dropout_p, gqa, exact_rows):
+        self.mask, self.is_causal, self.scale, self.dropout_p, self.gqa = mask, is_causal, scale, dropout_p, gqa
+        self.exact_rows = exact_rows  # the original's fully masked rows, replayed on SDPA's output (or None)
+
+
+def _attention_spec(region, args, scores_shape) -> _Spec:
+    kwargs = {name: slot_value(slot, args) for name, slot in region.slots.items()}
+    p = region.params
+    if region.replacement is sdpa_attention:
+        scale = p["scale"]
+        for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):
+            scale = scale * term**power
+        mask = build_mask(p["program"], kwargs.get("mask_terms", ()), torch.float32, scores_shape)
+        rows = lambda out, sub, q, k: _fully_masked_rows(out, sub, p.get("replaces", False), q, k, scale)  # noqa: E731
+        return _Spec(mask, False, scale, _dropout_p(p["dropout"], region.training), p["gqa"], rows)
+    if region.replacement is call_sdpa:
+        scale = p["scale"]
+        for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):
+            scale = (1.0 if scale is None else scale) * term**power
+        return _Spec(kwargs["mask"], p["is_causal"], scale, 0.0 if dropout_is_off() else p["dropout_p"],
+                     p["enable_gqa"], None)
+    raise UseOriginal(f"no per-sequence form for {region.rule}")
+
+
+def per_sequence_attention(tokens: Tokens, region, args):
+    """One attention region on packed q, k, v ([T, heads, head dim]): each sequence on its real tokens."""
+    q, k, v = (slot_value(region.slots[n], args) for n in ("q", "k", "v"))
+    spec = _attention_spec(region, args, (tokens.batch, q.shape[1], tokens.seq, tokens.seq))
+    masks = _restricted_masks(tokens, spec)
+    outs = []
+    for (start, n), (mask, causal) in zip(zip(tokens.offsets(), tokens.lengths()), masks):
+        if n == 0:
+            continue
+        q1, k1, v1 = (x[start:start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, is_causal=causal, scale=spec.scale,
+                                             dropout_p=spec.dropout_p, enable_gqa=spec.gqa)
+        if mask is not None and spec.exact_rows is not None:
+            out = spec.exact_rows(out, mask, q1, k1)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _restricted_masks(tokens: Tokens, spec: _Spec) -> list:
+    """Per sequence, (mask over its real tokens or None, is_causal); shared by the attentions that read the
+    same mask in this call. UseOriginal where a real query would give a padded key weight."""
+    key = ("mask", id(spec.mask), spec.is_causal)
+    if key not in tokens.cache:
+        tokens.cache[key] = _restrict(tokens, spec)
+    return tokens.cache[key][1]
+
+
+def _restrict(tokens: Tokens, spec: _Spec):
+    if spec.mask is None:
+        if spec.is_causal and bool((tokens.keep.int().cummin(1).values == tokens.keep.int()).all()):
+            # causal with every sequence's real tokens first: real queries see only real keys
+            return spec.mask, [(None, True)] * tokens.batch
+        raise UseOriginal("an attention without a mask would read padded keys")
+    mask = spec.mask.reshape((1,) * (4 - spec.mask.dim()) + tuple(spec.mask.shape))
+    masked = _masked(mask)
+    real_row = tokens.keep[:, None, :, None] if mask.shape[-2] > 1 else tokens.keep.any(1)[:, None, None, None]
+    if not bool((masked | tokens.keep[:, None, None, :] | ~real_row).all()):
+        raise UseOriginal("an attention's mask lets real tokens read padded keys")
+    if bool((masked.all(-1, keepdim=True) & real_row).any()):
+        # the original spreads such a row over every key, padded ones too
+        raise UseOriginal("a computed token's row masks every key")
+    out = []
+    for i, positions in enumerate(tokens.positions()):
+        sub = mask[i if mask.shape[0] > 1 else 0]
+        if sub.shape[-2] > 1:
+            sub = sub.index_select(-2, positions)
+        sub = sub.index_select(-1, positions)
+        if bool((sub if sub.dtype == torch.bool else sub == 0).all()):
+            out.append((None, spec.is_causal))
+        elif not spec.is_causal and _is_causal(sub):
+            out.append((None, True))
+        else:
+            out.append((sub.unsqueeze(0), spec.is_causal))
+    return spec.mask, out  # the mask is kept alive with its entry: the key is its id
+
+
+def _masked(mask: torch.Tensor) -> torch.Tensor:
+    return ~mask if mask.dtype == torch.bool else mask <= MASKED
+
+
+def _is_causal(sub: torch.Tensor) -> bool:
+    n = sub.shape[-1]
+    if sub.shape[-2] != n:
+        return False
+    lower = torch.ones(n, n, dtype=torch.bool, device=sub.device).tril()
+    if sub.dtype == torch.bool:
+        return bool((sub == lower).all())
+    return bool((sub[..., lower] == 0).all() and (sub[..., ~lower] <= MASKED).all())
+
+
+# --- the check ------------------------------------------------------------------------------------------
+
+
+def check_padding_free(match) -> Accept | Decline:
+    if match.options.get("encoder_impl") == "fused":
+        return Decline("encoder_impl='fused' asks for the fused encoder kernel")
+    call = origin(match.root)
+    gm = call.graph.owning_module
+    if not is_attention(gm, call):
+        return Decline("not an attention region")
+    region = token_region(gm, call)
+    if isinstance(region, str):
+        return Decline(region)
+    region.nodes = absorb_size_computations(region.nodes)
+    try:
+        packed = packed_graph(gm, region, call, real_tokens, per_sequence_attention)
+    except ValueError as e:
+        return Decline(str(e))
+    blocks = len(region.attentions)
+    return Accept(inputs={"inputs": tuple(packed.inputs)}, params={"graph": packed.graph},
+                  absorb=tuple(region.nodes), outputs=tuple(packed.outputs),
+                  note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens",
+                  impl="packed")
+
+
+def keep_packed_graph(gm, installed, report) -> None:
+    """The packed graph is a child of its region, so ``.to()``, ``.half()`` and copies reach it."""
+    for _, region in installed:
+        region.add_module("packed", region.params["graph"])
+
+
+RULES = [
+    Rule("padding_free", attention_stack, padding_free, check_padding_free, kernel="padding_free", priority=1,
+         after_pass=keep_packed_graph),
+]
