@@ -8,7 +8,7 @@ from typing import Callable
 from .errors import PatternError
 from .pattern import Rule
 
-BUILTIN_FAMILIES = ("attention", "padding_free", "encoder")
+BUILTIN_FAMILIES = ("attention", "encoder", "padding_free")
 DEFAULTS = "defaults"  # in optimize(patterns=[...]): every built-in and registered rule
 _user_rules: dict[str, Rule] = {}
 _LOCK = threading.Lock()  # registering from several threads at once

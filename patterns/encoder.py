@@ -760,7 +760,7 @@ def _shape(t) -> tuple:
 
 RULES = [
     Rule("post_norm_encoder_block", post_norm_encoder_block, encoder_block, check_post_norm, kernel="fused_encoder",
-         priority=2, after_pass=link_stack),
+         priority=1, after_pass=link_stack),
     Rule("pre_norm_encoder_block", pre_norm_encoder_block, encoder_block, check_pre_norm, kernel="fused_encoder",
-         priority=2, after_pass=link_stack),
+         priority=1, after_pass=link_stack),
 ]

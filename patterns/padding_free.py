@@ -53,7 +53,10 @@ class Unpacked(tuple):
 
 
 def padding_free(inputs, *, graph):
-    *values, tokens = run_without_dropout(graph, inputs) if dropout_is_off() else graph(*inputs)
+    try:
+        *values, tokens = run_without_dropout(graph, inputs) if dropout_is_off() else graph(*inputs)
+    except UseOriginal as e:  # raised inside the graph: its first line is the reason (fx appends the node)
+        raise UseOriginal(str(e).splitlines()[0]) from None
     out = Unpacked(values)
     out.fxbt_real = [None if axes is None else _real_at(tokens, axes, v.dim())
                 for axes, v in zip(graph.meta["output_axes"], values)]
@@ -198,12 +201,12 @@ def _is_causal(sub: torch.Tensor) -> bool:
 
 
 def check_padding_free(match) -> Accept | Decline:
-    if match.options.get("encoder_impl") == "fused":
-        return Decline("encoder_impl='fused' asks for the fused encoder kernel")
     call = origin(match.root)
     gm = call.graph.owning_module
     if not is_attention(gm, call):
         return Decline("not an attention region")
+    if not _may_mask_keys(gm.get_submodule(call.target)):
+        return Decline("its attention has no mask: no token is ever padding")
     region = token_region(gm, call)
     if isinstance(region, str):
         return Decline(region)
@@ -219,6 +222,14 @@ def check_padding_free(match) -> Accept | Decline:
                   impl="packed")
 
 
+def _may_mask_keys(region) -> bool:
+    """The attention reads a mask (or is causal, where a run-time mask may still come with it)."""
+    if region.replacement is sdpa_attention:
+        return any(step[0] in ("add", "sub", "fill", "keep") for step in region.params["program"])
+    slot = region.slots.get("mask")
+    return slot is not None and (slot.index is not None or slot.value is not None)
+
+
 def keep_packed_graph(gm, installed, report) -> None:
     """The packed graph is a child of its region, so ``.to()``, ``.half()`` and copies reach it."""
     for _, region in installed:
@@ -226,6 +237,8 @@ def keep_packed_graph(gm, installed, report) -> None:
 
 
 RULES = [
-    Rule("padding_free", attention_stack, padding_free, check_padding_free, kernel="padding_free", priority=1,
+    # after the encoder-block template (priority 1), whose fused kernel and dense blocks take the blocks that fit
+    # it; this pass takes the stacks around every attention left
+    Rule("padding_free", attention_stack, padding_free, check_padding_free, kernel="padding_free", priority=2,
          after_pass=keep_packed_graph),
 ]

@@ -1,0 +1,115 @@
+"""Padding removal for any transformer stack: the region around an attention that runs on real tokens only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxbt
+import handwritten
+import zoo
+from conftest import max_error, reference
+from fxbt.region import regions
+from test_encoder import real_token_error
+
+TOL = 1e-5
+
+# (model, attention implementation, left padding): encoders, decoders, both padding sides, both attention forms
+# The pass alone (BERT-like blocks with gelu or relu would take the encoder-block template first by default)
+PASS = ["softmax_attention", "existing_sdpa", "padding_free"]
+STACKS = [("bert", "eager", False), ("bert", "sdpa", True), ("distilbert", "eager", True), ("albert", "eager", False), ("albert", "sdpa", True), ("llama", "sdpa", True), ("llama", "eager", False),
+          ("mistral", "eager", True), ("mistral", "sdpa", False)]
+
+
+def _padding_free(opt):
+    return [r for _, r in regions(opt) if r.kernel == "padding_free"]
+
+
+@pytest.mark.parametrize("name,attn,left", STACKS)
+def test_whole_stack_runs_on_real_tokens(name, attn, left, record_model_row):
+    spec = zoo.SPECS[name]
+    model = spec.build(attn)
+    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1, left=left), inplace=False, patterns=PASS)
+    rows = fxbt.report(opt).rewritten("padding_free")
+    assert len(rows) == 1 and f"{zoo.L} attentions" in rows[0].reason, str(fxbt.report(opt))
+    for batch, seq in [(4, 12), (2, 5)]:
+        probe = zoo.make_inputs(spec, batch, seq, True, seed=batch, left=left)
+        err = real_token_error(spec, reference(model, probe), opt(**probe), probe)
+        assert err < TOL, f"{name}: {err:.2e}"
+        assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+    with torch.no_grad():
+        assert torch.equal(fxbt.unroll(opt)(**probe)[0], reference(model, probe)[0])
+    record_model_row({"model": name, "feature": "padding-free stack", "attn": attn,
+                      "padding": "left" if left else "right", "max_err": err})
+
+
+def test_a_call_without_padding_runs_the_original():
+    spec = zoo.SPECS["albert"]
+    model = spec.build()
+    opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS)
+    probe = zoo.make_inputs(spec, 2, 7, pad=False)
+    with torch.no_grad():
+        assert max_error(reference(model, probe), opt(**probe)) < TOL
+    (region,) = _padding_free(opt)
+    assert region.last_path == "no token is padding in this call"
+
+
+def test_attention_without_a_mask_is_declined_with_the_reason():
+    spec = zoo.SPECS["vit"]
+    opt = fxbt.optimize(spec.build(), spec.example(), inplace=False, patterns=PASS)
+    rows = fxbt.report(opt).rejected("padding_free")
+    assert rows and all("no mask" in r.reason or "no token is padding" in r.reason for r in rows), \
+        str(fxbt.report(opt))
+
+
+def test_a_convolution_over_the_sequence_keeps_the_stack_padded():
+    """Near-miss twin: the same stack, but its output is mixed over positions: padded values are read."""
+    model = handwritten.ConvPooledStack().eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS)
+    report = fxbt.report(opt)
+    assert not report.rewritten("padding_free")
+    assert any("mixes positions" in r.reason for r in report.rejected("padding_free")), str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    with torch.no_grad():
+        assert max_error(model(x, mask), opt(x, mask)) < TOL  # every position, padded ones too
+
+
+@pytest.mark.parametrize("model", [handwritten.PoolerStack(), handwritten.BiasedStack("per_head"),
+                                   handwritten.BiasedStack("local")], ids=["pooler", "per_head_bias", "local"])
+def test_hand_written_stacks_with_pooler_and_biases(model):
+    """A pooler reading position 0 (padding on the left), a bias per head, a mask that differs per query."""
+    model.eval()
+    x, mask = handwritten.inputs(3, 9)
+    opt = fxbt.optimize(model, (x, mask), inplace=False, patterns=PASS)
+    assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
+    x, mask = handwritten.inputs(4, 10, seed=5)
+    mask[2, :4] = 0  # left padding: position 0 is read by the pooler
+    with torch.no_grad():
+        want, got = model(x, mask), opt(x, mask)
+    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        diff = (w - g).abs()
+        if diff.dim() == 3:
+            diff = diff * mask[..., None]
+        assert diff.max().item() < TOL
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+
+
+def test_gradients_through_the_packed_stack():
+    spec = zoo.SPECS["albert"]
+    model = spec.build(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS)
+    assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
+    probe = spec.probe()
+    # a linear loss over real tokens
+    weight = probe["attention_mask"][..., None] * torch.randn(*probe["attention_mask"].shape, 32,
+                                                               generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (opt, model):
+        m.zero_grad()
+        (m(**probe).last_hidden_state * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+    assert grads[0].keys() == grads[1].keys()
+    # relative to each gradient's scale: sums over many tokens (embedding tables reach ~100s) round in fp32
+    worst = max(((grads[0][n] - grads[1][n]).abs().max() / grads[1][n].abs().max().clamp(min=1)).item()
+                for n in grads[0])
+    assert worst < TOL
