@@ -41,7 +41,9 @@ def steps(quick: bool) -> list[tuple[str, str, list[str]]]:
                                        "--out", str(RESULTS / f"decoder-gpt2-{n}.json")]) for n in seqs]
     plan += [("real model", py, ["minilm.py", "--out", str(RESULTS / "minilm-batch32.json")]),
              ("optimize() cost", py, ["optimize_cost.py", "--layers", *layers,
-                                      "--out", str(RESULTS / "optimize-cost.json")])]
+                                      "--out", str(RESULTS / "optimize-cost.json")]),
+             ("optimize() by stage", py, ["optimize_profile.py", "--repeats", "1" if quick else "3",
+                                          "--out", str(RESULTS / "optimize-profile.json")])]
     if TRANSFORMERS4_PYTHON.exists():  # the hf_fx frontend: fxbt on transformers 4.57.6
         tf4 = str(TRANSFORMERS4_PYTHON)
         plan += [("optimize() cost, transformers 4", tf4,
@@ -217,6 +219,47 @@ def render_cost() -> list[str]:
     return lines
 
 
+PROFILE_COLUMNS = {"bert-256-L2": "BERT 256, 2 layers", "bert-256-L24": "BERT 256, 24 layers",
+                   "bert-base": "BERT-base", "swin-L2": "Swin, 1+1 layers", "swin-L8": "Swin, 2+6 layers"}
+
+
+def render_profile() -> list[str]:
+    """optimize() by stage (bench/optimize_profile.py), with the ratios the speed issue asks for."""
+    run = load("optimize-profile.json")
+    if not run:
+        return []
+    res = run["results"]
+    cols = [k for k in PROFILE_COLUMNS if k in res]
+    stages = list(dict.fromkeys(s for k in cols for s in res[k]["stages"]))
+    lines = ["## optimize() by stage, transformers 5 (dynamo)", "",
+             f"Seconds; each configuration in a fresh process, {run['threads']} thread, median of {run['repeats']} "
+             "interleaved run(s) (the stages of the median run). BERT 256: hidden 256, batch 2, sequence 32; "
+             "BERT-base: batch 8, sequence 128, a quarter padding; Swin: SwinModel, 2 stages, embed 32, window 4, "
+             "image 32. Made by bench/optimize_profile.py (stages: fxbt/stages.py).", "",
+             "| stage | " + " | ".join(PROFILE_COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in stages:
+        lines.append(f"| {s} | " + " | ".join(f"{res[k]['stages'].get(s, 0.0):.3f}" for k in cols) + " |")
+    lines.append("| **optimize()** | " + " | ".join(f"**{res[k]['total']:.2f}**" for k in cols) + " |")
+    lines.append("")
+    ratios = []
+    if "bert-256-L2" in res and "bert-256-L24" in res:
+        ratios.append(f"24 layers / 2 layers (BERT 256): {res['bert-256-L24']['total'] / res['bert-256-L2']['total']:.1f}x "
+                      "(goal at most 2.5x)")
+    if "bert-base" in res and "compile" in res:
+        ratios.append(f"BERT-base optimize() / torch.compile first call (cold inductor cache, "
+                      f"{res['compile']['total']:.1f} s): {res['bert-base']['total'] / res['compile']['total']:.2f}x "
+                      "(goal at most 0.5x)")
+    if "bert-base" in res and "eager" in res:
+        ratios.append(f"BERT-base optimize() / one eager forward at batch 8, sequence 128 "
+                      f"({res['eager']['total']:.2f} s): {res['bert-base']['total'] / res['eager']['total']:.1f}x "
+                      "(goal at most 3x)")
+    if "swin-L2" in res and "swin-L8" in res:
+        ratios.append(f"Swin 8 layers / 2 layers: {res['swin-L8']['total'] / res['swin-L2']['total']:.1f}x "
+                      "(goal under 10x)")
+    lines += [f"- {r}" for r in ratios] + [""]
+    return lines
+
+
 def machines() -> list[str]:
     enc = load("encoder-bert-base.json") or load("minilm-batch32.json")
     tf4 = load("optimize-cost-transformers4.json")
@@ -238,7 +281,7 @@ def machines() -> list[str]:
 
 def render() -> str:
     lines = ["# fxbt benchmark results", "", *machines(), *render_encoder(), *render_decoder(), *render_real_model(),
-             *render_cost(), "## GPU", "",
+             *render_cost(), *render_profile(), "## GPU", "",
              "Not measured: no GPU was lent to the session that made this file (encoder sweep at batch 64, "
              "sequence 256, fp16 and GPT-2 at sequence 1024 are to be added with the device named when one is).", ""]
     return "\n".join(lines)

@@ -45,6 +45,7 @@ from .errors import CaptureError, InputError
 from .meta import propagate
 from .optimized import detached
 from .serialize import make_picklable
+from .stages import stage
 
 log = logging.getLogger("fxbt")
 
@@ -101,15 +102,20 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     failures: dict[str, str] = {}
     with LOCK, detached(model), _cache_off(model), torch.no_grad():
         try:
-            reference = _seeded(model.training, lambda: model(*args, **kwargs))
+            with stage("eager reference run"):
+                reference = _seeded(model.training, lambda: model(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
         for name in order:
             try:
-                gm, decisions = _FRONTEND_FNS[name](model, args, kwargs)
-                flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
-                _reproduces(gm, flat_inputs, reference, model.training)
-                guard = _shape_guard(gm, name, flat_inputs, decisions)
+                with stage(f"capture ({name})"):
+                    gm, decisions = _FRONTEND_FNS[name](model, args, kwargs)
+                with stage("calling convention"):
+                    flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
+                with stage("reproduction check"):
+                    _reproduces(gm, flat_inputs, reference, model.training)
+                with stage("shape guards"):
+                    guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason
                 failures[name] = _short_reason(e)
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])

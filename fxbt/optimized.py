@@ -218,13 +218,17 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
     from .rewrite import apply_rules
     from .verify import verify as verify_regions
 
-    rules = registry.select(options.patterns)
+    from .stages import stage
+
+    with stage("rules"):
+        rules = registry.select(options.patterns)
     captured = capture(model, bound, options.frontend)
     gm = captured.gm
     report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
     apply_rules(gm, rules, report, {"encoder_impl": options.encoder_impl})
     if options.verify:
-        verify_regions(gm, captured.flat_inputs, report)
+        with stage("verification"):
+            verify_regions(gm, captured.flat_inputs, report)
     gm.fxbt_report = report
     return Specialization(key, captured.shapes, StateGuard(model), gm, reason)
 

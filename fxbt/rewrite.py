@@ -18,6 +18,7 @@ from .pattern import Accept, Decline, Rule
 from .region import (Region, Slot, absorb_size_computations, boundary, escaping, extract, install,
                      metadata_stand_ins, rewire)
 from .report import Report, Row
+from .stages import stage
 
 log = logging.getLogger("fxbt")
 
@@ -25,27 +26,34 @@ log = logging.getLogger("fxbt")
 def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, options: dict | None = None) -> None:
     for _, group in itertools.groupby(sorted(rules, key=lambda r: r.priority), key=lambda r: r.priority):
         _run_pass(gm, list(group), report, options or {})
-        _lint(gm)
-    gm.recompile()
+        with stage("lint and recompile"):
+            _lint(gm)
+    with stage("lint and recompile"):
+        gm.recompile()
 
 
 def _run_pass(gm, rules, report, options) -> None:
-    graph = CanonicalGraph(gm, options=options)
+    with stage("canonical view"):
+        graph = CanonicalGraph(gm, options=options)
     taken: set[torch.fx.Node] = set()
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     installed: dict[str, list[str]] = {}
     for rule in rules:
-        for match in list(find_matches(rule.graph, graph)):
+        with stage("matching"):
+            matches = list(find_matches(rule.graph, graph))
+        for match in matches:
             if origin(match.root) in taken:
                 continue
-            verdict = _judge(rule, match, taken)
+            with stage("checks"):
+                verdict = _judge(rule, match, taken)
             if isinstance(verdict, Decline):
                 log.info("fxbt: %s declined at %s: %s", rule.name, origin(match.root).name, verdict.reason)
                 report.rows.append(Row(origin(match.root).name, rule.name, rule.kernel, "rejected",
                                        verdict.reason, report.frontend, nodes=len(match.nodes())))
                 continue
             interior, accept, stand_ins = verdict
-            name = _install(gm, rule, match, interior, accept, stand_ins, replaced)
+            with stage("region extraction"):
+                name = _install(gm, rule, match, interior, accept, stand_ins, replaced)
             taken |= interior
             row = Row(name, rule.name, rule.kernel, "rewritten", accept.note, report.frontend, impl=accept.impl,
                       nodes=len(interior))
@@ -55,7 +63,8 @@ def _run_pass(gm, rules, report, options) -> None:
     for rule in rules:
         if rule.after_pass is not None and rule.name in installed:
             nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-            rule.after_pass(gm, [(nodes[name], gm.get_submodule(name)) for name in installed[rule.name]], report)
+            with stage("after-pass hooks"):
+                rule.after_pass(gm, [(nodes[name], gm.get_submodule(name)) for name in installed[rule.name]], report)
 
 
 def _judge(rule: Rule, match: Match, taken: set) -> Decline | tuple[set, Accept, dict]:

@@ -183,8 +183,9 @@ def propagate_symbolic(gm: torch.fx.GraphModule, flat_inputs: list, names: list[
 
 def record(gm: torch.fx.GraphModule, key: str, env) -> None:
     known = _rewrites(env)
+    memo: dict = {}  # expression -> its canonical form: N copies of a block carry the same few expressions
     for node in gm.graph.nodes:
-        found = symbolic(node.meta.get(key), env, known)
+        found = symbolic(node.meta.get(key), env, known, memo)
         if found is None and node.op == "get_attr":  # a parameter or buffer: its shape is fixed
             found = _concrete(node.meta.get("fxbt_val"))
         node.meta["fxbt_sym"] = found
@@ -228,29 +229,38 @@ def _equalities(env, constants) -> dict:
     return rewrite
 
 
-def symbolic(value: Any, env=None, known=None) -> Any:
-    """A fake value as plain symbolic data: a tensor's shape as a tuple, a SymInt's expression."""
+def symbolic(value: Any, env=None, known=None, memo: dict | None = None) -> Any:
+    """A fake value as plain symbolic data: a tensor's shape as a tuple, a SymInt's expression. ``memo``
+    keeps the canonical form of each expression seen (valid for one ``env`` and ``known``)."""
     if isinstance(value, torch.Tensor):
-        return tuple(_expr(d, env, known) for d in value.shape)
+        return tuple(_expr(d, env, known, memo) for d in value.shape)
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return _expr(value, env, known)
+        return _expr(value, env, known, memo)
     if isinstance(value, (int, float, bool)):
         return value
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        return tuple(symbolic(v, env, known) for v in value)
+        return tuple(symbolic(v, env, known, memo) for v in value)
     return None
 
 
-def _expr(d, env, known=None):
+def _expr(d, env, known=None, memo=None):
     if isinstance(d, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        expr = d.node.expr
-        if env is not None:
-            expr = env.simplify(expr)
-        if known:
-            expr = expr.xreplace(known).xreplace(known)  # constants first, then the equality classes
-        expr = _exact_divisions(expr)
-        return int(expr) if isinstance(expr, sympy.Integer) else expr
+        if memo is None:
+            return _canonical(d.node.expr, env, known)
+        key = d.node.expr
+        if key not in memo:
+            memo[key] = _canonical(key, env, known)
+        return memo[key]
     return d
+
+
+def _canonical(expr, env, known):
+    if env is not None:
+        expr = env.simplify(expr)
+    if known:
+        expr = expr.xreplace(known).xreplace(known)  # constants first, then the equality classes
+    expr = _exact_divisions(expr)
+    return int(expr) if isinstance(expr, sympy.Integer) else expr
 
 
 def _exact_divisions(expr):
