@@ -39,7 +39,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import shapes
+from . import decompose, shapes
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -99,7 +99,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     if frontend is not None and frontend not in FRONTENDS:
         raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     failures: dict[str, str] = {}
-    with LOCK, detached(model), _cache_off(model), torch.no_grad():
+    with LOCK, detached(model), _cache_off(model), torch.no_grad(), decompose.fast_path_off():
         try:
             reference = _seeded(model.training, lambda: model(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
@@ -108,6 +108,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             try:
                 gm, decisions = _FRONTEND_FNS[name](model, args, kwargs)
                 flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
+                _decompose_attention(gm, flat_inputs, name)
+                _number(gm)
                 _reproduces(gm, flat_inputs, reference, model.training)
                 guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason
@@ -325,10 +327,23 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
     make_picklable(gm)
     gm.train(model.training)  # a new GraphModule starts in training mode whatever the model's mode
     gm.meta = getattr(gm, "meta", {})
+    return flat_inputs
+
+
+def _decompose_attention(gm, flat_inputs, frontend) -> None:
+    """PyTorch's multi-head attention calls written out as the ops they run (fxbt/decompose.py)."""
+    if not decompose.candidates(gm):
+        return
+    propagate(gm, flat_inputs)  # ranks and dtypes the calls' Python code decides from
+    added = decompose.decompose(gm)
+    if frontend == "dynamo":
+        decompose.fake_values(gm, added)
+
+
+def _number(gm) -> None:
     for pos, node in enumerate(gm.graph.nodes):
         node.meta["fxbt_pos"] = pos
         node.meta["fxbt_name"] = node.name  # unroll restores it, even for a node re-created elsewhere
-    return flat_inputs
 
 
 def _flatten_graph_io(gm, model, args, kwargs, reference) -> None:
