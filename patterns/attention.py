@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fxbt.canon import Const, TensorInfo, Virtual, origin
+from fxbt.layout import broadcast_source
 from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
 from fxbt.region import RecomputeCall, Region, Slot, UseOriginal, boundary, extract, fetch, install
@@ -742,10 +743,15 @@ def check_existing_sdpa(match) -> Accept | Decline:
     scale, terms = node.kwargs.get("scale"), ()
     if isinstance(scale, torch.fx.Node):  # a number when only sizes the weights fix go into it: q.size(-1) ** -0.5
         scale, terms = (fixed(scale), ()) if fixed(scale) is not None else (None, (scale,))
+    mask, expanded = match.bindings["mask"], []
+    if not isinstance(mask, Const):  # a mask expanded over heads (PyTorch's MHA): SDPA broadcasts the original
+        inside = match.nodes()
+        mask, expanded = broadcast_source(match.graph, mask, lambda key, above: _only_feeds(key, inside | set(above)))
     return Accept(
-        inputs={**{k: match.bindings[k] for k in ("q", "k", "v", "mask")}, "scale_terms": terms},
+        inputs={**{k: match.bindings[k] for k in ("q", "k", "v")}, "mask": mask, "scale_terms": terms},
         params={"dropout_p": given["dropout_p"] or 0.0, "is_causal": bool(given["is_causal"]), "scale": scale,
                 "scale_powers": (1,) * len(terms), "enable_gqa": bool(node.kwargs.get("enable_gqa", False))},
+        absorb=tuple(expanded),
         note="already SDPA",
     )
 
