@@ -297,7 +297,12 @@ def _dynamo(model, args, kwargs):
     import torch._dynamo
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+    # every export runs through one wrapper function of dynamo's, whose compiled entries pile up while the
+    # models captured so far are alive: eight of them would make the next export fail (recompile limit)
+    limit = max(torch._dynamo.config.recompile_limit, 1024)
+    with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True), \
+            torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(
+                torch._dynamo.config.accumulated_recompile_limit, limit)):
         result = torch._dynamo.export(model, assume_static_by_default=False)(*args, **kwargs)
     return result.graph_module, ()
 

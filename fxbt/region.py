@@ -229,7 +229,8 @@ def rewire(stand_ins: dict) -> None:
     for (user, node), stand_in in stand_ins.items():
         if isinstance(stand_in, tuple):  # a size read from another input, at its own dim
             user.meta.setdefault("fxbt_original_args", torch.fx.node.map_aggregate(
-                (user.args, user.kwargs), lambda a: NameRef(a.name) if isinstance(a, torch.fx.Node) else a))
+                (user.args, user.kwargs),
+                lambda a: NameRef(a.meta.get("fxbt_name", a.name)) if isinstance(a, torch.fx.Node) else a))
             user.args = stand_in
             continue
         user.replace_input_with(node, stand_in)
@@ -337,17 +338,18 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return env[x]
 
     by_name: dict[str, torch.fx.Node] = {}
+    captured: dict[str, torch.fx.Node] = {}  # by the name the node had when captured (NameRef)
     for node, owner in records:
         rewired = node.meta.get("fxbt_rewired", {})
         arg = lambda x: by_name[rewired[x.name]] if x.name in rewired else resolve(x)  # noqa: E731
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), arg)
         if "fxbt_original_args" in node.meta:  # a size read rewired to another input: its own arguments back
             args, kwargs = torch.fx.node.map_aggregate(node.meta["fxbt_original_args"],
-                                                       lambda a: by_name[a.name] if isinstance(a, NameRef) else a)
+                                                       lambda a: captured[a.name] if isinstance(a, NameRef) else a)
         env[node] = graph.create_node(node.op, node.target, args, kwargs,
                                       name=node.meta.get("fxbt_name", node.name), type_expr=node.type)
         env[node].meta = {k: v for k, v in node.meta.items() if k not in ("fxbt_rewired", "fxbt_original_args")}
-        by_name[node.name] = env[node]
+        by_name[node.name] = captured[env[node].meta.get("fxbt_name", node.name)] = env[node]
         if node.op in ("call_module", "get_attr"):
             root[node.target] = fetch(owner, node.target)
     out = torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
