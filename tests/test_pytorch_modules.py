@@ -8,6 +8,8 @@ their reason."""
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -354,6 +356,53 @@ def test_x_transformers_like_block_attention_is_sdpa():
     model = XTransformersAttention().eval()
     gm = fxbt.optimize(model, (tokens(2, 5), ~padding(2, 5)), inplace=False)
     assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
+    for batch, seq in [(3, 7), (1, 2)]:
+        x, keep = tokens(batch, seq, seed=seq), ~padding(batch, seq, seed=seq)
+        with torch.no_grad():
+            assert real_error(model(x, keep), gm(x, keep)) < TOL
+        assert identical(fxbt.unroll(gm)(x, keep), original(model, x, keep))
+
+
+# --- multi-query and grouped-query attention, every way of sharing K/V heads ----------------------
+
+
+class SharedKV(nn.Module):
+    """Q with 4 heads, K and V with ``kv`` heads shared by the query heads, written one of several ways."""
+
+    def __init__(self, form, kv):
+        super().__init__()
+        self.form, self.kv, self.heads, self.d = form, kv, 4, E // 4
+        self.q, self.k, self.v, self.o = nn.Linear(E, E), nn.Linear(E, kv * self.d), nn.Linear(E, kv * self.d), \
+            nn.Linear(E, E)
+
+    def forward(self, x, keep):
+        b, n, _ = x.shape
+        h, r, d = self.heads, self.heads // self.kv, self.d
+        q = self.q(x).view(b, n, h, d).transpose(1, 2)
+        k, v = (p(x).view(b, n, self.kv, d).transpose(1, 2) for p in (self.k, self.v))
+        if self.form == "expand":  # repeat_kv of Llama: a new axis expanded, then merged into the heads
+            k, v = (t[:, :, None].expand(b, self.kv, r, n, d).reshape(b, h, n, d) for t in (k, v))
+        elif self.form == "repeat_interleave":
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+        elif self.form == "tiled":  # head i uses K/V head i % kv: not the grouping SDPA's enable_gqa makes
+            k, v = k.repeat(1, r, 1, 1), v.repeat(1, r, 1, 1)
+        # "broadcast": one K/V head broadcast by the products themselves
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d) + (1.0 - keep[:, None, None, :].float()) * -1e9
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, E))
+
+
+@pytest.mark.parametrize("form, kv, gqa", [("broadcast", 1, True), ("expand", 2, True), ("repeat_interleave", 2, True),
+                                           ("expand", 1, True), ("tiled", 2, False)])
+def test_shared_key_value_heads_become_sdpa(form, kv, gqa):
+    """Every spelling of multi-query / grouped-query attention becomes SDPA; K/V heads go in unrepeated with
+    enable_gqa where the sharing is SDPA's grouping, and the tiled near-miss (head i uses K/V head i % kv)
+    keeps its repeated heads."""
+    torch.manual_seed(0)
+    model = SharedKV(form, kv).eval()
+    gm = fxbt.optimize(model, (tokens(2, 5), ~padding(2, 5)), inplace=False)
+    assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
+    region = next(r for _, r in regions(gm) if r.kernel == "sdpa")
+    assert region.params["gqa"] is gqa
     for batch, seq in [(3, 7), (1, 2)]:
         x, keep = tokens(batch, seq, seed=seq), ~padding(batch, seq, seed=seq)
         with torch.no_grad():
