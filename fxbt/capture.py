@@ -29,8 +29,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
+import re
 import sys
 import threading
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -99,6 +102,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     if frontend is not None and frontend not in FRONTENDS:
         raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     failures: dict[str, str] = {}
+    blockers: dict[str, str | None] = {}
     with LOCK, detached(model), _cache_off(model), torch.no_grad(), decompose.fast_path_off():
         try:
             reference = _seeded(model.training, lambda: model(*args, **kwargs))
@@ -114,6 +118,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason
                 failures[name] = _short_reason(e)
+                blockers.setdefault(name, blocker(e))
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])
                 continue
             cap = Capture(gm, name, failures, flat_inputs, shapes=guard)
@@ -122,7 +127,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             if guard.static:
                 cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
             return cap
-    raise CaptureError(failures, training=model.training)
+    where = next((blockers[n] for n in ("dynamo", "fx", "hf_fx") if blockers.get(n)), None)
+    raise CaptureError(failures, training=model.training, blocker=where)
 
 
 def _shape_guard(gm, frontend, flat_inputs, decisions) -> shapes.ShapeGuard:
@@ -151,6 +157,24 @@ def _reproduces(gm, flat_inputs, reference, training: bool) -> None:
         if isinstance(w, torch.Tensor) and not (g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5,
                                                                                       equal_nan=True)):
             raise RuntimeError("the captured graph does not reproduce the model's outputs on the example inputs")
+
+
+_NOT_MODEL_CODE = re.compile(r"[/\\](torch|fxbt|_pytest|pluggy|contextlib\.py|functools\.py)[/\\.]")
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def blocker(e: Exception) -> str | None:
+    """The line of model code capture stopped at, in one line (file:line in function: `code`): the last frame
+    of the model's own code in dynamo's "from user code" trace, else in the exception's traceback."""
+    found = [m.groups() for m in _USER_FRAME.finditer(str(e)) if not _NOT_MODEL_CODE.search(m.group(1))]
+    if not found:
+        frames = traceback.extract_tb(e.__traceback__)
+        found = [(f.filename, str(f.lineno), f.name, f.line or "") for f in frames
+                 if not _NOT_MODEL_CODE.search(f.filename)]
+    if not found:
+        return None
+    path, line, function, code = found[-1]
+    return f"{os.path.basename(path)}:{line} in {function}: `{code.strip()}`"
 
 
 def _short_reason(e: Exception) -> str:

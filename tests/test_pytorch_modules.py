@@ -408,3 +408,24 @@ def test_shared_key_value_heads_become_sdpa(form, kv, gqa):
         with torch.no_grad():
             assert real_error(model(x, keep), gm(x, keep)) < TOL
         assert identical(fxbt.unroll(gm)(x, keep), original(model, x, keep))
+
+
+# --- capture that says what blocks it --------------------------------------------------------------
+
+
+class BranchesOnValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(E, E)
+
+    def forward(self, x):
+        if (x > 0).any():  # a branch on tensor values: no frontend can capture it as one graph
+            x = x * 2
+        return self.proj(x)
+
+
+def test_capture_error_names_the_line_that_blocks_capture():
+    with pytest.raises(fxbt.CaptureError) as caught:
+        fxbt.optimize(BranchesOnValues().eval(), (tokens(2, 5),), inplace=False)
+    assert caught.value.blocker.startswith("test_pytorch_modules.py:")
+    assert "if (x > 0).any():" in caught.value.blocker and caught.value.blocker in str(caught.value)
