@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from . import registry, shapes
+from . import decompose, registry, shapes
 from .canon import canonical_op
 from .meta import propagate
 from .report import Report
@@ -42,6 +42,9 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: di
             sink: list | None = None, reason: str = "a graph handed over by torch.compile") -> torch.fx.GraphModule:
     inputs = [_concrete(x) for x in example_inputs]
     propagate(gm, inputs)
+    if decompose.candidates(gm):  # PyTorch's multi-head attention, written out as the ops it runs
+        decompose.fake_values(gm, decompose.decompose(gm))
+        propagate(gm, inputs)
     env = next((v.fake_mode.shape_env for n in gm.graph.nodes if n.op == "placeholder"
                 for v in [n.meta.get("example_value")] if hasattr(v, "fake_mode")), None)
     shapes.record(gm, "example_value", env)  # dynamo's symbolic sizes: rules prove facts for every size

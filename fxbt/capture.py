@@ -29,8 +29,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
+import re
 import sys
 import threading
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import shapes
+from . import decompose, shapes
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -100,7 +103,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     if frontend is not None and frontend not in FRONTENDS:
         raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     failures: dict[str, str] = {}
-    with LOCK, detached(model), _cache_off(model), torch.no_grad():
+    blockers: dict[str, str | None] = {}
+    with LOCK, detached(model), _cache_off(model), torch.no_grad(), decompose.fast_path_off():
         try:
             with stage("eager reference run"):
                 reference = _seeded(model.training, lambda: model(*args, **kwargs))
@@ -112,12 +116,15 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                     gm, decisions = _FRONTEND_FNS[name](model, args, kwargs)
                 with stage("calling convention"):
                     flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
+                    _decompose_attention(gm, flat_inputs, name)
+                    _number(gm)
                 with stage("reproduction check"):
                     _reproduces(gm, flat_inputs, reference, model.training)
                 with stage("shape guards"):
                     guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason
                 failures[name] = _short_reason(e)
+                blockers.setdefault(name, blocker(e))
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])
                 continue
             cap = Capture(gm, name, failures, flat_inputs, shapes=guard)
@@ -126,7 +133,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             if guard.static:
                 cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
             return cap
-    raise CaptureError(failures, training=model.training)
+    where = next((blockers[n] for n in ("dynamo", "fx", "hf_fx") if blockers.get(n)), None)
+    raise CaptureError(failures, training=model.training, blocker=where)
 
 
 def _shape_guard(gm, frontend, flat_inputs, decisions) -> shapes.ShapeGuard:
@@ -155,6 +163,24 @@ def _reproduces(gm, flat_inputs, reference, training: bool) -> None:
         if isinstance(w, torch.Tensor) and not (g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5,
                                                                                       equal_nan=True)):
             raise RuntimeError("the captured graph does not reproduce the model's outputs on the example inputs")
+
+
+_NOT_MODEL_CODE = re.compile(r"[/\\](torch|fxbt|_pytest|pluggy|contextlib\.py|functools\.py)[/\\.]")
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def blocker(e: Exception) -> str | None:
+    """The line of model code capture stopped at, in one line (file:line in function: `code`): the last frame
+    of the model's own code in dynamo's "from user code" trace, else in the exception's traceback."""
+    found = [m.groups() for m in _USER_FRAME.finditer(str(e)) if not _NOT_MODEL_CODE.search(m.group(1))]
+    if not found:
+        frames = traceback.extract_tb(e.__traceback__)
+        found = [(f.filename, str(f.lineno), f.name, f.line or "") for f in frames
+                 if not _NOT_MODEL_CODE.search(f.filename)]
+    if not found:
+        return None
+    path, line, function, code = found[-1]
+    return f"{os.path.basename(path)}:{line} in {function}: `{code.strip()}`"
 
 
 def _short_reason(e: Exception) -> str:
@@ -301,7 +327,12 @@ def _dynamo(model, args, kwargs):
     import torch._dynamo
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+    # every export runs through one wrapper function of dynamo's, whose compiled entries pile up while the
+    # models captured so far are alive: eight of them would make the next export fail (recompile limit)
+    limit = max(torch._dynamo.config.recompile_limit, 1024)
+    with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True), \
+            torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(
+                torch._dynamo.config.accumulated_recompile_limit, limit)):
         result = torch._dynamo.export(model, assume_static_by_default=False)(*args, **kwargs)
     return result.graph_module, ()
 
@@ -331,10 +362,23 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
     make_picklable(gm)
     gm.train(model.training)  # a new GraphModule starts in training mode whatever the model's mode
     gm.meta = getattr(gm, "meta", {})
+    return flat_inputs
+
+
+def _decompose_attention(gm, flat_inputs, frontend) -> None:
+    """PyTorch's multi-head attention calls written out as the ops they run (fxbt/decompose.py)."""
+    if not decompose.candidates(gm):
+        return
+    propagate(gm, flat_inputs)  # ranks and dtypes the calls' Python code decides from
+    added = decompose.decompose(gm)
+    if frontend == "dynamo":
+        decompose.fake_values(gm, added)
+
+
+def _number(gm) -> None:
     for pos, node in enumerate(gm.graph.nodes):
         node.meta["fxbt_pos"] = pos
         node.meta["fxbt_name"] = node.name  # unroll restores it, even for a node re-created elsewhere
-    return flat_inputs
 
 
 def _flatten_graph_io(gm, model, args, kwargs, reference) -> None:

@@ -27,7 +27,8 @@ MARKER_OPS = {
     "chain": frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "float_cast", "reshape"}),
     "views": frozenset({"reshape"}),
     # head split/merge; elementwise ops are let through so a check can name them (rotary embeddings)
-    "heads": frozenset({"reshape", "transpose", "permute", "mul", "add", "sub", "neg", "cat", "float_cast",
+    "heads": frozenset({"reshape", "transpose", "permute", "unsqueeze", "mul", "add", "sub", "neg", "cat",
+                        "float_cast",
                         # taking Q, K or V out of one packed projection: qkv[0], qkv.unbind(0)[i], qkv.chunk(3)[i]
                         "getitem", "method:unbind", "fn:unbind", "method:chunk", "fn:chunk", "method:split",
                         "fn:split"}),

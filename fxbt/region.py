@@ -138,8 +138,20 @@ _METADATA = ("dtype", "device")
 
 
 def reads_metadata_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
-    """``getattr(node, "dtype" | "device")``: a use any tensor of that dtype and device can serve."""
-    return user.op == "call_function" and user.target is getattr and user.args[0] is node and user.args[1] in _METADATA
+    """``getattr(node, "dtype" | "device")`` or one of its sizes (``node.size(1)``): a use any tensor of that
+    dtype and device, or with that size, can serve."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _METADATA
+    return _size_read(user, node) is not None
+
+
+def _size_read(user: torch.fx.Node, node: torch.fx.Node):
+    """The dim ``user`` reads the size of, where it reads one size of ``node`` and nothing else."""
+    if user.kwargs or len(user.args) != 2 or user.args[0] is not node or not isinstance(user.args[1], int):
+        return None
+    is_size = (user.op == "call_method" and user.target == "size") or (
+        user.op == "call_function" and user.target is torch.ops.aten.sym_size.int)
+    return user.args[1] if is_size else None
 
 
 def absorb_size_computations(interior: set[torch.fx.Node]) -> set[torch.fx.Node]:
@@ -175,23 +187,55 @@ def escaping(interior: set[torch.fx.Node], root) -> list[torch.fx.Node]:
 
 
 def metadata_stand_ins(interior: set[torch.fx.Node], root, inputs: list[torch.fx.Node]) -> dict | str:
-    """For outside dtype/device reads of interior nodes, an input with the same dtype and device.
+    """For outside dtype/device or size reads of interior nodes, an input with the same dtype and device, or
+    (input, dim) with the same size for every admitted size (symbolic shapes).
 
-    Returns {(user, interior node): stand-in input}, or the reason none exists."""
+    Returns {(user, interior node): stand-in}, or the reason none exists."""
     found = {}
     for node in interior - (set(root) if isinstance(root, tuple) else {root}):
         for user in [u for u in node.users if u not in interior and reads_metadata_only(u, node)]:
-            info = node.meta.get("fxbt_val")
-            stand_in = next((i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), info)), None)
+            dim = _size_read(user, node)
+            stand_in = _same_size(node, dim, inputs) if dim is not None else next(
+                (i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), node.meta.get("fxbt_val"))), None)
             if stand_in is None:
-                return f"{user.name} reads the {user.args[1]} of {node.name} and no region input has the same"
+                what = f"size {dim}" if dim is not None else user.args[1]
+                return f"{user.name} reads the {what} of {node.name} and no region input has the same"
             found[(user, node)] = stand_in
     return found
 
 
+def _same_size(node, dim, inputs):
+    """(input, dim) whose size is ``node``'s size ``dim`` for every admitted size."""
+    from .shapes import same, sym
+
+    shape = sym(node)
+    if not isinstance(shape, tuple) or not -len(shape) <= dim < len(shape):
+        return None
+    for i in inputs:
+        other = sym(i)
+        if isinstance(other, tuple) and hasattr(i.meta.get("fxbt_val"), "shape"):
+            for d, size in enumerate(other):
+                if same(size, shape[dim]):
+                    return (i, d)
+    return None
+
+
+class NameRef:
+    """A node, by name, in an argument list kept for `unroll` (``meta["fxbt_original_args"]``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
 def rewire(stand_ins: dict) -> None:
-    """Apply `metadata_stand_ins`, remembering the original producer's name for `unroll`."""
+    """Apply `metadata_stand_ins`, remembering the original producer (and arguments) for `unroll`."""
     for (user, node), stand_in in stand_ins.items():
+        if isinstance(stand_in, tuple):  # a size read from another input, at its own dim
+            user.meta.setdefault("fxbt_original_args", torch.fx.node.map_aggregate(
+                (user.args, user.kwargs),
+                lambda a: NameRef(a.meta.get("fxbt_name", a.name)) if isinstance(a, torch.fx.Node) else a))
+            user.args = stand_in
+            continue
         user.replace_input_with(node, stand_in)
         user.meta.setdefault("fxbt_rewired", {})[stand_in.name] = node.name
 
@@ -349,14 +393,18 @@ def unroll(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return env[x]
 
     by_name: dict[str, torch.fx.Node] = {}
+    captured: dict[str, torch.fx.Node] = {}  # by the name the node had when captured (NameRef)
     for node, owner in records:
         rewired = node.meta.get("fxbt_rewired", {})
         arg = lambda x: by_name[rewired[x.name]] if x.name in rewired else resolve(x)  # noqa: E731
-        env[node] = graph.create_node(node.op, node.target, torch.fx.node.map_arg(node.args, arg),
-                                      torch.fx.node.map_arg(node.kwargs, arg),
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), arg)
+        if "fxbt_original_args" in node.meta:  # a size read rewired to another input: its own arguments back
+            args, kwargs = torch.fx.node.map_aggregate(node.meta["fxbt_original_args"],
+                                                       lambda a: captured[a.name] if isinstance(a, NameRef) else a)
+        env[node] = graph.create_node(node.op, node.target, args, kwargs,
                                       name=node.meta.get("fxbt_name", node.name), type_expr=node.type)
-        env[node].meta = {k: v for k, v in node.meta.items() if k != "fxbt_rewired"}
-        by_name[node.name] = env[node]
+        env[node].meta = {k: v for k, v in node.meta.items() if k not in ("fxbt_rewired", "fxbt_original_args")}
+        by_name[node.name] = captured[env[node].meta.get("fxbt_name", node.name)] = env[node]
         if node.op in ("call_module", "get_attr"):
             root[node.target] = fetch(owner, node.target)
     out = torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)

@@ -25,6 +25,7 @@ class Row:
     impl: str = ""  # the implementation that runs, where a kernel has several
     nodes: int = 0  # model nodes the match covered
     calls: Counter = field(default_factory=Counter)  # "fast" or the reason the original ran -> calls
+    covers: frozenset = frozenset()  # names of the model nodes a declined match covered (fxbt/accounting.py)
 
     def runs(self) -> str:
         """How this region's calls went, e.g. "3 fast, 1 original (gradients enabled)"."""
@@ -48,8 +49,8 @@ class Report:
         return [r for r in self.rows if r.status == "rejected" and (kernel is None or r.kernel == kernel)]
 
     def as_dicts(self) -> list[dict]:
-        return [{f.name: dict(r.calls) if f.name == "calls" else getattr(r, f.name) for f in fields(r)}
-                for r in self.rows]
+        return [{f.name: dict(r.calls) if f.name == "calls" else getattr(r, f.name) for f in fields(r)
+                 if f.name != "covers"} for r in self.rows]
 
     def __str__(self) -> str:
         head = f"captured with {self.frontend}" + (f", for: {self.reason}" if self.reason else "")

@@ -11,6 +11,7 @@ import logging
 import torch
 import torch.fx
 
+from .accounting import account
 from .canon import CanonicalGraph, Const, origin
 from .errors import RewriteError
 from .matcher import Match, find_matches
@@ -28,6 +29,7 @@ def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, opt
         _run_pass(gm, list(group), report, options or {})
         with stage("lint and recompile"):
             _lint(gm)
+    account(gm, report)  # a row for every softmax no rule rewrote or declined
     with stage("lint and recompile"):
         gm.recompile()
 
@@ -49,7 +51,8 @@ def _run_pass(gm, rules, report, options) -> None:
             if isinstance(verdict, Decline):
                 log.info("fxbt: %s declined at %s: %s", rule.name, origin(match.root).name, verdict.reason)
                 report.rows.append(Row(origin(match.root).name, rule.name, rule.kernel, "rejected",
-                                       verdict.reason, report.frontend, nodes=len(match.nodes())))
+                                       verdict.reason, report.frontend, nodes=len(match.nodes()),
+                                       covers=frozenset(n.name for n in match.nodes())))
                 continue
             interior, accept, stand_ins = verdict
             with stage("region extraction"):

@@ -29,6 +29,18 @@ import torch.fx
 
 log = logging.getLogger("fxbt")
 
+
+def _is_tensor(node) -> bool:
+    from .meta import TensorInfo
+
+    return isinstance(node.meta.get("fxbt_val"), TensorInfo)
+
+
+def _deterministic(node) -> bool:
+    from .meta import deterministic
+
+    return deterministic(node)
+
 _NOT_SEMANTIC = re.compile(r"stride\(\)|storage_offset\(\)")
 _SOURCE = re.compile(r"L\['t(\d+)'\]\.size\(\)\[(\d+)\]")
 
@@ -333,3 +345,25 @@ def same(a, b) -> bool:
         return bool(sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0)
     except (TypeError, sympy.SympifyError):
         return False
+
+
+def same_computation(a, b, depth: int = 12) -> bool:
+    """Two values computed alike: the same node or constant, or the same deterministic op on arguments
+    computed alike (each layer of PyTorch's encoder views the one padding mask in its own nodes)."""
+    if a is b:
+        return True
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_computation(x, y, depth) for x, y in zip(a, b))
+    if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
+        return not isinstance(a, (torch.fx.Node, torch.Tensor)) and not isinstance(b, (torch.fx.Node, torch.Tensor)) \
+            and type(a) is type(b) and a == b
+    if not _is_tensor(a) and not _is_tensor(b) and sym(a) is not None and same(sym(a), sym(b)):
+        return True  # sizes: equal for every admitted size
+    if depth == 0 or a.op != b.op or a.target != b.target or a.op in ("placeholder", "output"):
+        return False
+    if a.op == "get_attr":
+        return True
+    if a.op == "call_module" or not _deterministic(a) or a.kwargs.keys() != b.kwargs.keys():
+        return False
+    return same_computation(a.args, b.args, depth - 1) and all(
+        same_computation(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs)

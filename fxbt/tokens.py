@@ -51,9 +51,13 @@ class PaddedReads:
     mixes: str | None = None  # the first op that mixes positions, in words
 
 
-def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1)) -> PaddedReads:
+def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1),
+                 seq_first: bool = False) -> PaddedReads:
     """What reads the padded positions of ``value`` (its batch and sequence axes at ``axes``) on the way to the
-    outputs. ``through``: users known to read only real positions (the rest of a padding-free region)."""
+    outputs. ``through``: users known to read only real positions (the rest of a padding-free region).
+    ``seq_first``: ``value`` is [sequence, batch, ...] (axes (1, 0))."""
+    if seq_first:
+        axes = (1, 0)
     shape = sym(value)
     if not isinstance(shape, tuple) or len(shape) < 2 or max(axes) >= len(shape):
         return PaddedReads(mixes=f"{value.name} has no [batch, sequence] symbolic shape")
@@ -127,8 +131,8 @@ def _follow(gm, user: torch.fx.Node, node: torch.fx.Node, axes, token_axes):
         return found if found == axes and _not_last(out, found) else f"{user.name} ({op}) changes the [batch, sequence] axes"
     if op in _LAYOUT and found is not None:
         return found  # elements move, but each keeps its batch and position
-    if op == "reshape" and axes == (0, 1) and found == (0, 1):
-        return found  # only the dimensions after the sequence are split or merged
+    if op in ("reshape", "unsqueeze") and found is not None and _same_prefix(sym(node), out, max(axes), found == axes):
+        return found  # only dimensions after the batch and sequence axes are split, merged or added
     if op == "getitem" and axes == (0, 1) and found == (0, 1) and _trailing_index(user.args[1]):
         return found
     if (op == "softmax" or name in _LAST_DIM_REDUCTIONS) and _over_last_dim(user) and found == axes and \
@@ -148,6 +152,12 @@ def _axes_of(shape, token_axes):
             return None
         found.append(hits[0])
     return tuple(found)
+
+
+def _same_prefix(before, after, last: int, kept: bool) -> bool:
+    """The dimensions up to ``last`` are the same before and after, so the op touches only later ones."""
+    return kept and isinstance(before, tuple) and isinstance(after, tuple) and len(before) > last and \
+        len(after) > last and all(same(a, b) for a, b in zip(before[:last + 1], after[:last + 1]))
 
 
 def _not_last(shape, axes) -> bool:

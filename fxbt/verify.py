@@ -151,5 +151,5 @@ def _keep_of(region: Region, args, diff):
 
     terms = slot_value(region.slots["mask_terms"], args)
     x = slot_value(region.slots["x"], args)
-    keep = key_padding(region.params["spec"], terms, x) if isinstance(x, torch.Tensor) else x.keep
+    keep = key_padding(region.params["spec"], terms, x) if isinstance(x, torch.Tensor) else x.real()
     return torch.ones_like(diff[..., :1], dtype=torch.bool) if keep is None else keep[..., None]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fxbt.canon import Const, TensorInfo, Virtual, origin
+from fxbt.layout import broadcast_source
 from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
 from fxbt.region import RecomputeCall, Region, Slot, UseOriginal, boundary, extract, fetch, install
@@ -344,6 +345,7 @@ def check_softmax_attention(match) -> Accept | Decline:
     if reason:
         return Decline(reason)
     k, v, gqa = _grouped_query(plan, g, k, v, inside)
+    gqa = gqa or _one_shared_head(q, k, v, k_transposed)
     reason = _check_shapes(g, q, k, v, k_transposed, gqa, match)
     if reason:
         return Decline(reason)
@@ -610,6 +612,13 @@ def _unrepeated(g, x):
         if attrs.get("dim") in (1, -3) and isinstance(attrs.get("repeats"), int):
             return base, [x]
         return None, []
+    if g.op(x) == "expand":  # one K/V head expanded over the query heads: [b, 1, s, d] -> [b, h, s, d]
+        base = g.operands(x)[0]
+        bs, xs = (sym(origin(base)) if not isinstance(base, Const) else None), sym(origin(x))
+        if isinstance(bs, tuple) and isinstance(xs, tuple) and len(bs) == len(xs) == 4 and number(bs[1]) == 1 \
+                and same(bs[0], xs[0]) and same(bs[2:], xs[2:]):
+            return base, [x]
+        return None, []
     if g.op(x) != "reshape":
         return None, []
     expanded = g.operands(x)[0]
@@ -637,10 +646,21 @@ def _unsqueezed_at_2(g, key):
         return g.operands(key)[0]
     if op == "getitem":
         index = g.canon(key).attrs.get("index")
-        if isinstance(index, tuple) and len(index) == 5 and index[2] is None and all(
+        if isinstance(index, tuple) and 3 <= len(index) <= 5 and index[2] is None and all(
                 isinstance(i, slice) and i == slice(None) for j, i in enumerate(index) if j != 2):
-            return g.operands(key)[0]
+            return g.operands(key)[0]  # x[:, :, None] or x[:, :, None, :, :]
     return None
+
+
+def _one_shared_head(q, k, v, k_transposed) -> bool:
+    """Multi-query attention written as a broadcast: K and V [b, 1, s, d] against Q [b, h, s, d]; SDPA's
+    enable_gqa takes one K/V head for every query head as they are (for every admitted size)."""
+    qs, ks, vs = sym(origin(q)), sym(origin(k)), sym(origin(v))
+    if not all(isinstance(x, tuple) and len(x) == 4 for x in (qs, ks, vs)):
+        return False
+    kb = ks[:2]
+    return number(kb[1]) == 1 == number(vs[1]) and (number(qs[1]) or 0) > 1 and same(qs[0], kb[0]) and \
+        same(qs[0], vs[0])
 
 
 def _check_shapes(g, q, k, v, k_transposed, gqa, match) -> str | None:
@@ -742,10 +762,15 @@ def check_existing_sdpa(match) -> Accept | Decline:
     scale, terms = node.kwargs.get("scale"), ()
     if isinstance(scale, torch.fx.Node):  # a number when only sizes the weights fix go into it: q.size(-1) ** -0.5
         scale, terms = (fixed(scale), ()) if fixed(scale) is not None else (None, (scale,))
+    mask, expanded = match.bindings["mask"], []
+    if not isinstance(mask, Const):  # a mask expanded over heads (PyTorch's MHA): SDPA broadcasts the original
+        inside = match.nodes()
+        mask, expanded = broadcast_source(match.graph, mask, lambda key, above: _only_feeds(key, inside | set(above)))
     return Accept(
-        inputs={**{k: match.bindings[k] for k in ("q", "k", "v", "mask")}, "scale_terms": terms},
+        inputs={**{k: match.bindings[k] for k in ("q", "k", "v")}, "mask": mask, "scale_terms": terms},
         params={"dropout_p": given["dropout_p"] or 0.0, "is_causal": bool(given["is_causal"]), "scale": scale,
                 "scale_powers": (1,) * len(terms), "enable_gqa": bool(node.kwargs.get("enable_gqa", False))},
+        absorb=tuple(expanded),
         note="already SDPA",
     )
 

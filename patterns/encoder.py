@@ -5,9 +5,12 @@ is whatever the attention pass made of the model's attention (an SDPA region) or
 in the model, so every attention form of that pass is covered:
 
     def post_norm_encoder_block(x, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, act, w2, b2, g2, n2):
-        q, k, v = (heads(F.linear(x, w, b)) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-        h = F.layer_norm(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo) + x, ...)
+        q, k, v = (heads(F.linear(heads(x), w, b)) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        h = F.layer_norm(heads(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo)) + x, ...)
         return F.layer_norm(F.linear(act, w2, b2) + h, ...)
+
+``heads`` stands for the layout ops around the projections (head split and merge, a batch-first input
+transposed to PyTorch's sequence-first attention and back); the check proves what they do by replay.
 
 ``act`` is left free in the pattern and read by the check, so a block with another activation is
 found, then declined with the reason ("tanh approximation of gelu", "quick-gelu").
@@ -40,10 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from fxbt.canon import Const, TensorInfo, origin
+from fxbt.layout import numbered, path_down, replay, token_rows
 from fxbt.meta import depends_on_sizes, is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, heads
 from fxbt.region import Slot, UseOriginal, inline_region
-from fxbt.shapes import fixed, number, same, sym
+from fxbt.shapes import fixed, number, same, same_computation, sym
 from fxbt.tokens import padded_reads
 
 from .attention import MASKED, build_mask
@@ -55,19 +59,20 @@ DEFAULT_IMPL = {"cpu": "dense", "cuda": "fused"}
 
 
 def post_norm_encoder_block(x, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, act, w2, b2, g2, n2):
-    q = heads(F.linear(x, wq, bq))
-    k = heads(F.linear(x, wk, bk))
-    v = heads(F.linear(x, wv, bv))
-    h = F.layer_norm(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo) + x, ..., g1, n1, ...)
+    q = heads(F.linear(heads(x), wq, bq))
+    k = heads(F.linear(heads(x), wk, bk))
+    v = heads(F.linear(heads(x), wv, bv))
+    attention = heads(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo))
+    h = F.layer_norm(attention + x, ..., g1, n1, ...)
     return F.layer_norm(F.linear(act, w2, b2) + h, ..., g2, n2, ...)
 
 
 def pre_norm_encoder_block(x, g1, n1, wq, bq, wk, bk, wv, bv, wo, bo, act, w2, b2):
     n = F.layer_norm(x, ..., g1, n1, ...)
-    q = heads(F.linear(n, wq, bq))
-    k = heads(F.linear(n, wk, bk))
-    v = heads(F.linear(n, wv, bv))
-    h = F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo) + x
+    q = heads(F.linear(heads(n), wq, bq))
+    k = heads(F.linear(heads(n), wk, bk))
+    v = heads(F.linear(heads(n), wv, bv))
+    h = heads(F.linear(heads(F.scaled_dot_product_attention(q, k, v)), wo, bo)) + x
     return F.linear(act, w2, b2) + h
 
 
@@ -84,12 +89,14 @@ class Packed:
     index: torch.Tensor  # [T] flat positions of the real tokens in B*S
     padded_shape: tuple  # (B, S, E)
     _lengths: list | None = None  # real tokens per sequence, computed once per stack
+    seq_first: bool = False  # the padded tensor this stands for is [S, B, E] (PyTorch's default layout)
 
     # Size, rank, dtype and device queries answer for the padded tensor this stands for: graphs read
     # them between blocks (the HF tracer's ``hidden_states.size()``).
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self.padded_shape)
+        b, s, e = self.padded_shape
+        return torch.Size((s, b, e) if self.seq_first else (b, s, e))
 
     def size(self, dim=None):
         return self.shape if dim is None else self.shape[dim]
@@ -107,6 +114,10 @@ class Packed:
     def device(self):
         return self.keep.device
 
+    def real(self) -> torch.Tensor:
+        """Which positions of the padded tensor this stands for are real tokens (its layout's first two axes)."""
+        return self.keep.t() if self.seq_first and self.keep is not None else self.keep
+
     def lengths(self) -> list[int]:
         if self._lengths is None:
             self._lengths = self.keep.sum(1).tolist()
@@ -118,18 +129,25 @@ class Packed:
         return torch.cat(self.nested.unbind()) if self.nested.numel() else self.nested.values()
 
     def fxbt_materialize(self) -> torch.Tensor:
-        return self.unpack() if self.keep is not None else (self.tokens.view(self.padded_shape)
-                                                              if self.tokens is not None else self.nested)
+        if self.keep is not None:
+            return self.unpack()
+        out = self.tokens.view(self.padded_shape) if self.tokens is not None else self.nested
+        return out.transpose(0, 1) if self.seq_first else out
 
     def unpack(self) -> torch.Tensor:
         b, s, e = self.padded_shape
         out = self.keep.new_zeros((b * s, e), dtype=self.flat().dtype)
-        return out.index_copy_(0, self.index, self.flat()).view(b, s, e)
+        out = out.index_copy_(0, self.index, self.flat()).view(b, s, e)
+        return out.transpose(0, 1) if self.seq_first else out
 
 
 def key_padding(spec, mask_terms, x) -> torch.Tensor | None:
-    """keep [B, S] from the model's own mask, or None when every token is real; UseOriginal if it is
-    not a key-padding mask after all."""
+    """Which tokens of the block input ``x`` are real, from the model's own mask ([B, S], or [S, B] for a
+    sequence-first block), or None when every token is real; UseOriginal if it is not a key-padding mask
+    after all."""
+    if spec.seq_first:
+        keep = key_padding_of(spec.program, mask_terms, x.shape[1], x.shape[0])
+        return None if keep is None else keep.t()
     return key_padding_of(spec.program, mask_terms, x.shape[0], x.shape[1])
 
 
@@ -174,6 +192,7 @@ class BlockSpec:
     program: tuple  # the attention mask program (see patterns/attention.py)
     scale: float
     qkv_packed: bool = False  # the model projects Q, K and V with one [3E, E] weight (wq, wk, wv are it)
+    seq_first: bool = False  # the block reads and writes [seq, batch, hidden] (PyTorch's batch_first=False)
 
 
 class QKVPack:
@@ -227,7 +246,13 @@ def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo,
         impl = DEFAULT_IMPL.get(_device(x).type, "dense")
     if grads and impl == "fused":
         raise UseOriginal("gradients needed: the fused kernel has no autograd (use encoder_impl='dense')")
-    packed = x if isinstance(x, Packed) else _pack_input(x, key_padding(spec, mask_terms, x), impl, reads)
+    if isinstance(x, Packed):
+        packed = x
+    else:
+        keep = key_padding(spec, mask_terms, x)
+        if spec.seq_first:  # tokens in batch-major order; the output is transposed back
+            x, keep = x.transpose(0, 1), None if keep is None else keep.t()
+        packed = _pack_input(x, keep, impl, reads)
     if spec.qkv_packed:
         qkv_w, qkv_b = wq, _bias(bq, wq)
     else:  # views into one packed weight where no gradient flows; a differentiable concatenation where one does
@@ -236,13 +261,10 @@ def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo,
     params = dict(qkv_w=qkv_w, qkv_b=qkv_b, wo=wo, bo=_bias(bo, wo), g1=_ones(g1, e, x), n1=_zeros(n1, e, x),
                   w1=w1, b1=_bias(b1, w1), w2=w2, b2=_bias(b2, w2), g2=_ones(g2, e, x), n2=_zeros(n2, e, x))
     out = _dense_block(packed, spec, params) if impl == "dense" else _fused_block(packed, spec, params)
+    out.seq_first = spec.seq_first
     if emit_packed and packed.keep is not None:
         return out
-    if packed.keep is None:
-        if impl == "dense":
-            return out.tokens.view(packed.padded_shape)
-        return out.nested
-    return out.unpack()
+    return out.fxbt_materialize()
 
 
 def _pack_input(x, keep, impl: str, reads) -> Packed:
@@ -340,7 +362,7 @@ def link_stack(gm, installed, report) -> None:
         changed = False
         for node in list(kept):
             readers = frozenset(u for u in node.users if u in kept and u.args[by_node[u].slots["x"].index] is node)
-            found[node] = padded_reads(gm, node, readers)
+            found[node] = padded_reads(gm, node, readers, seq_first=by_node[node].params["spec"].seq_first)
             if found[node].mixes:
                 _revert(gm, node.target, report, f"padded positions of its output are read: {found[node].mixes}")
                 kept.remove(node)
@@ -365,8 +387,9 @@ def _link(kept, by_node) -> dict:
         nxt_node, nxt = users[0], by_node[users[0]]
         if nxt.params["impl"] != region.params["impl"] or nxt_node.args[nxt.slots["x"].index] is not node:
             continue
-        if _mask_terms(node, region) != _mask_terms(nxt_node, nxt) or nxt.params["spec"].program != \
-                region.params["spec"].program:
+        if not same_computation(_mask_terms(node, region), _mask_terms(nxt_node, nxt)) or \
+                nxt.params["spec"].program != region.params["spec"].program or \
+                nxt.params["spec"].seq_first != region.params["spec"].seq_first:
             continue
         region.params["emit_packed"] = True
         following[node] = nxt_node
@@ -434,9 +457,11 @@ def _check(match, norm_first: bool):
     reason = _check_attention(region, e)
     if reason:
         return Decline(reason)
-    n_heads = number(sym(origin(g.operands(next(k for k in match.keys if g.op(k) == "sdpa"))[0]))[1])
-    if not n_heads or e % n_heads:
-        return Decline("the number of heads is not fixed, or does not divide the hidden size")
+    norms = sorted((k for k in match.keys if g.op(k) == "layer_norm"), key=lambda k: origin(k).meta["fxbt_pos"])
+    layout = _check_layouts(match, e, norms, norm_first)
+    if isinstance(layout, Decline):
+        return layout
+    n_heads, seq_first = layout
     scale, passed_in = _scale(node, region)
     if scale == "varies":
         return Decline("attention scale is computed at run time from sizes that can change")
@@ -444,10 +469,6 @@ def _check(match, norm_first: bool):
         return Decline(f"attention scale {scale:.6g} is not 1/sqrt(head size) = {1 / math.sqrt(e // n_heads):.6g}")
     if _per_head_mask(node, region):
         return Decline("the mask differs per head (a position bias?): not a key-padding mask")
-    reason = _check_layouts(match, n_heads, e)
-    if reason:
-        return Decline(reason)
-    norms = sorted((k for k in match.keys if g.op(k) == "layer_norm"), key=lambda k: origin(k).meta["fxbt_pos"])
     linear1, activation, act_nodes = _feed_forward(match, norms, norm_first)
     if isinstance(activation, Decline):
         return activation
@@ -466,7 +487,7 @@ def _check(match, norm_first: bool):
     if isinstance(weights, Decline):
         return weights
     spec = BlockSpec(n_heads, float(eps.pop()), activation, norm_first, _mask_program(node, region),
-                     1.0 / math.sqrt(e // n_heads), qkv_packed(weights))
+                     1.0 / math.sqrt(e // n_heads), qkv_packed(weights), seq_first)
     inputs = {"x": x, "mask_terms": _mask_terms(node, region), "passed_in": tuple(passed_in)}
     inputs.update(weights)
     impl = match.options.get("encoder_impl", "auto")
@@ -558,88 +579,111 @@ def _mask_terms(node, region):
     return region.slots["mask" if "mask" in region.slots else "mask_terms"].args_of(node)
 
 
-def _check_layouts(match, n_heads, e) -> str | None:
-    """The head split of Q, K and V and the merge after attention are exactly the standard ones; Q, K and V
-    from one packed projection must be its first, second and third part (the fused kernel's order)."""
+def _check_layouts(match, e: int, norms: list, norm_first: bool):
+    """(how many heads the block has, whether its input is [seq, batch, hidden]), or why its layout is not
+    the fused kernel's: Q, K and V must be the standard head split of the hidden states ([batch, heads, seq,
+    head], or [batch·heads, seq, head] for bmm), Q, K and V from one packed projection its first, second and
+    third part (the fused kernel's order), and the output the standard merge, back in the block input's
+    layout. Proven by replaying the layout ops on numbered tokens (fxbt/layout.py), whatever ops the model
+    spells them with."""
     g = match.graph
-    for name, steps in match.chains.items():
-        ops = {g.op(k) for k, _ in steps}
-        if ops & {"mul", "add", "sub", "neg", "cat"}:
-            return "a position encoding (rotary?) is applied to the queries or keys inside the block"
+    x = match.bindings["x"]
     sdpa = next(k for k in match.keys if g.op(k) == "sdpa")
-    q, k, v = (sym(origin(o)) for o in g.operands(sdpa)[:3])
-    b, s = sym(origin(match.bindings["x"]))[:2]
-    want = (b, n_heads, s, e // n_heads)
-    if any(not same(t, want) for t in (q, k, v)) or n_heads * want[-1] != e:
-        return "query, key and value are not [batch, heads, seq, head] splits of the hidden size"
-    starts = {o: i for i, o in enumerate(g.operands(sdpa)[:3])}
-    parts = {}
-    for name, steps in match.chains.items():
-        layout = _layout(steps, want)
-        if layout is None:
-            return "heads are split or merged in a non-standard order"
-        if steps and steps[0][0] in starts and layout != "merge":
-            parts[starts[steps[0][0]]] = layout
-    if set(parts.values()) - {"split"} and [parts.get(i) for i in range(3)] != [0, 1, 2]:
-        return "Q, K and V are packed in one projection in another order than the fused kernel's (per head?)"
-    return None
+    operands = g.operands(sdpa)[:3]
+    d = number(sym(origin(operands[0]))[-1]) if isinstance(sym(origin(operands[0])), tuple) else None
+    if not d or e % d:
+        return Decline("the head size is not fixed, or does not divide the hidden size")
+    heads_count = e // d
+    first, second = sym(origin(x))[:2]
+    shapes = [sym(origin(o)) for o in operands]
+    # [batch, seq, hidden], or PyTorch's default [seq, batch, hidden]; replay tells them apart where the
+    # example's batch and sequence sizes are the same number
+    orders = [seq_first for seq_first, (b, s) in ((False, (first, second)), (True, (second, first)))
+              if all(_heads_layout(t, b, s, heads_count, d) for t in shapes)]
+    if not orders:
+        return Decline("query, key and value are not [batch, heads, seq, head] splits of the hidden size")
+    verdicts = [_check_order(match, operands, e, norms, norm_first, heads_count, seq_first) for seq_first in orders]
+    return next((v for v in verdicts if not isinstance(v, Decline)), verdicts[0])
 
 
-def _layout(steps, heads_shape):
-    """What the layout ops do, replayed on numbered elements: "split" (heads of [b, s, h·d]), "merge"
-    (back from [b, h, s, d]), the index of the part a packed [b, s, n·h·d] projection splits into heads,
-    "another packing" when its heads are not such a part, or None for anything else."""
-    if not steps:
-        return None
-    b, h, s, d = heads_shape
-    first = origin(steps[-1][0])
-    start = val(first.args[0]) if first.args else None
-    start_sym = sym(first.args[0]) if first.args else None
-    if not isinstance(start, TensorInfo) or not isinstance(start_sym, tuple):
-        return None
-    if not same(start_sym, (b, h, s, d)) and (len(start_sym) != 3 or not same(start_sym[:2], (b, s)) or
-                                              number(start_sym[-1]) is None or number(start_sym[-1]) % (h * d)):
-        return None
-    if not same(sym(origin(steps[0][0])), (b, h, s, d)) and not same(sym(origin(steps[0][0])), (b, s, h * d)):
-        return None  # the layout ops end in the attention's or the hidden layout, for every admitted size
-    # replayed on numbered elements at the example's sizes: the element order the ops make
-    b, s = start.shape[0], start.shape[1] if len(start.shape) == 3 else start.shape[2]
-    value = torch.arange(math.prod(start.shape)).view(start.shape)
-    for key, _ in reversed(steps):
-        try:
-            value = _replay(origin(key), value)
-        except Exception:
+def _check_order(match, operands, e, norms, norm_first, heads_count, seq_first):
+    g, x = match.graph, match.bindings["x"]
+    sdpa = next(k for k in match.keys if g.op(k) == "sdpa")
+    source = x if not norm_first else norms[0]  # what the projections read: the input, or its LayerNorm
+    in_x = numbered(val(origin(x)).shape[:2])  # each token's flat index, laid out as in the block input
+    tokens = in_x.transpose(0, 1) if seq_first else in_x  # the same, [batch, seq]
+    parts = []
+    for operand in operands:
+        part = _projection_part(g, operand, source, in_x, tokens, e, heads_count)
+        if isinstance(part, Decline):
+            return part
+        parts.append(part)
+    if parts != [0, 0, 0] and parts != [0, 1, 2]:
+        return Decline("Q, K and V are packed in one projection in another order than the fused kernel's (per head?)")
+    return _merge_back(match, sdpa, in_x, tokens, e, heads_count) or (heads_count, seq_first)
+
+
+def _heads_layout(shape, b, s, heads_count, d) -> bool:
+    """[b, heads, s, d], or [b·heads, s, d] (bmm over batch and heads), for every admitted size."""
+    return isinstance(shape, tuple) and (same(shape, (b, heads_count, s, d)) or same(shape, (b * heads_count, s, d)))
+
+
+def _standard_split(tokens, width, part, e, heads_count, shape):
+    """The numbered elements of part ``part`` of a [b, s, width] projection of ``tokens``, split into heads."""
+    b, s = tokens.shape
+    features = tokens[..., None] * width + part * e + torch.arange(e)
+    return features.reshape(b, s, heads_count, e // heads_count).transpose(1, 2).reshape(shape)
+
+
+def _projection_part(g, operand, source, in_x, tokens, e, heads_count):
+    """Which part of its projection Q, K or V is (0 for an unpacked one), proven by replay; or a Decline."""
+    post, linear = path_down(g, operand, lambda k: g.op(k) == "linear")
+    if isinstance(linear, Const) or g.op(linear) != "linear":
+        op = "const" if isinstance(linear, Const) else g.op(linear)
+        if op in ("mul", "add", "sub", "neg", "cat"):
+            return Decline("a position encoding (rotary?) is applied to the queries or keys inside the block")
+        return Decline("heads are split or merged in a non-standard order")
+    pre, found = path_down(g, g.operands(linear)[0], lambda k: k is source)
+    width = number(sym(origin(linear))[-1]) if isinstance(sym(origin(linear)), tuple) else None
+    if found is not source or not width or width % e:
+        return Decline("heads are split or merged in a non-standard order")
+    rows = replay(g, pre, (in_x[..., None] * e + torch.arange(e)))  # the projection's input, row by row
+    rows = token_rows(rows, e) if rows is not None else None
+    value = replay(g, post, rows[..., None] * width + torch.arange(width)) if rows is not None else None
+    if value is None:
+        return Decline("heads are split or merged in a non-standard order")
+    for part in range(width // e):
+        if torch.equal(value, _standard_split(tokens, width, part, e, heads_count, value.shape)):
+            return part
+    return Decline("Q, K and V are packed in one projection in another order than the fused kernel's (per head?)"
+                   if width != e else "heads are split or merged in a non-standard order")
+
+
+def _merge_back(match, sdpa, in_x, tokens, e, heads_count) -> Decline | None:
+    """The attention output merged back to the hidden size, projected, and put back in the block input's
+    layout (added to it as the residual), proven by replay."""
+    g = match.graph
+    x = match.bindings["x"]
+    linears = [k for k in match.keys if g.op(k) == "linear"]
+    for linear in linears:
+        pre, found = path_down(g, g.operands(linear)[0], lambda k: k == sdpa)
+        if found != sdpa:
+            continue
+        add = next((k for k in match.keys if g.op(k) == "add" and any(
+            path_down(g, o, lambda k, lin=linear: k == lin)[1] == linear for o in g.operands(k))), None)
+        if add is None:
+            break
+        other = next(o for o in g.operands(add) if path_down(g, o, lambda k, lin=linear: k == lin)[1] == linear)
+        post, _ = path_down(g, other, lambda k, lin=linear: k == lin)
+        out_shape = tuple(val(origin(sdpa)).shape)
+        start = (tokens[..., None] * e + torch.arange(e)).reshape(*tokens.shape, heads_count, e // heads_count)
+        merged = replay(g, pre, start.transpose(1, 2).reshape(out_shape))
+        rows = token_rows(merged, e) if merged is not None else None
+        result = replay(g, post, rows[..., None] * e + torch.arange(e)) if rows is not None else None
+        if result is not None and torch.equal(result, in_x[..., None] * e + torch.arange(e)):
             return None
-    if not isinstance(value, torch.Tensor):
-        return None
-    if start.ndim == 4:
-        merged = torch.arange(b * s * h * d).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
-        return "merge" if tuple(value.shape) == tuple(merged.shape) and torch.equal(value, merged) else None
-    parts = start.shape[-1] // (h * d)
-    numbered = torch.arange(math.prod(start.shape)).view(b, s, parts, h * d)
-    for i in range(parts):
-        expected = numbered[:, :, i].reshape(b, s, h, d).transpose(1, 2)
-        if tuple(value.shape) == tuple(expected.shape) and torch.equal(value, expected):
-            return "split" if parts == 1 else i
-    return None if parts == 1 else "another packing"
-
-
-def _replay(node, value):
-    def arg(a):
-        if isinstance(a, torch.fx.Node):
-            v = val(a)
-            return tuple(v) if isinstance(v, (list, tuple)) else v
-        if isinstance(a, (list, tuple)):
-            return type(a)(arg(x) for x in a)
-        return a
-
-    args = [arg(a) for a in node.args[1:]]
-    kwargs = {k: arg(v) for k, v in node.kwargs.items()}
-    if node.op == "call_method":
-        return getattr(value, node.target)(*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(value, *args, **kwargs)
-    raise ValueError(node.op)
+        break
+    return Decline("heads are split or merged in a non-standard order")
 
 
 def _feed_forward(match, norms, norm_first):

@@ -183,12 +183,12 @@ class ReweightedProbabilities(nn.Module):
 
 
 NEAR_MISSES = {
-    SoftmaxOverQueries: None,  # no match at all
+    SoftmaxOverQueries: "not the last (keys) axis",
     ReturnsProbabilities: "attention probabilities are also returned",
     TensorScale: "scale is a",
     MultiplicativeMask: "scale is a tensor",
     FillWithZero: "not to a large negative constant",
-    ReweightedProbabilities: None,
+    ReweightedProbabilities: "probabilities are changed by",
 }
 
 
