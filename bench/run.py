@@ -268,7 +268,7 @@ def render_st() -> list[str]:
         return []
     corpus = (side or main)["corpus"]
     lines = ["## sentence-transformers encode: all-MiniLM-L6-v2, real sentences, batch 32 — sentences/s", "",
-             f"{corpus['sentences']:,} real English sentences ({corpus['source']}: Python's help topics; "
+             f"{corpus['sentences']:,} real English sentences (Python's help topics, pydoc_data.topics, bench/sentences.py; "
              f"{corpus['words_min']} to {corpus['words_max']} words, median {corpus['words_median']}), "
              "`st.encode(sentences, batch_size=32)` (ST sorts by length, then pads each batch), f32, CPU. "
              "Each peer is its own SentenceTransformer; fxbt is `fxbt.optimize(st)` on one. Sentences/s from the "
@@ -281,11 +281,11 @@ def render_st() -> list[str]:
                   f"bench/.venv-st-backends: sentence-transformers {v['sentence-transformers']}, optimum "
                   f"{v.get('optimum')}, optimum-onnx {v.get('optimum-onnx')} + onnxruntime {v.get('onnxruntime')}, "
                   f"optimum-intel {v.get('optimum-intel')} + openvino {v.get('openvino')}; "
-                  f"{side['threads']} threads for every peer. {conditions(side)}.", ""]
+                  f"{side['threads']} thread(s) for every peer. {conditions(side)}.", ""]
         lines += st_table(side) + ["", st_target(side), ""]
     if main:
         lines += [f"The main environment (sentence-transformers {main['versions']['sentence-transformers']}); "
-                  f"{main['threads']} threads. {conditions(main)}.", ""]
+                  f"{main['threads']} thread(s). {conditions(main)}.", ""]
         lines += st_table(main) + [""]
     return lines
 
