@@ -45,8 +45,12 @@ def dispatch_seconds(dispatcher, inputs: dict, calls: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = harness.load_average()
     model = bert_base("eager")
     inputs = bert_inputs(8, 128, 0.25)
     fxbt.optimize(model, inputs)
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
           f"dispatch {1e6 * dispatch:.0f} us = {100 * share:.3f}% of the call")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": harness.machine(), "call_ms": 1000 * times["call"],
+        args.out.write_text(json.dumps({"machine": harness.machine(), "load": [load_before, harness.load_average()], "call_ms": 1000 * times["call"],
                                         "graph_ms": 1000 * times["graph"], "dispatch_us": 1e6 * dispatch,
                                         "share": share, "parameters": len(spec.state.tensors),
                                         "modules": len(dispatcher.modules),

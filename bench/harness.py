@@ -18,11 +18,13 @@ import torch
 BETTERTRANSFORMER_PYTHON = Path(__file__).parent / ".venv-bettertransformer" / "bin" / "python"
 
 
-def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                        mode: Callable = torch.inference_mode) -> dict[str, float]:
     """Median seconds per variant, running the variants in turn each round, in a rotated order, so that
-    drift and whatever one variant leaves behind (caches, allocator state) hit all alike."""
+    drift and whatever one variant leaves behind (caches, allocator state) hit all alike. All run under
+    ``mode()`` (``contextlib.nullcontext``: each variant sets its own grad mode)."""
     names = list(variants)
-    with torch.inference_mode():
+    with mode():
         for fn in variants.values():
             for _ in range(warmup):
                 fn()
@@ -123,3 +125,8 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{os.cpu_count()} CPUs ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (other processes included): how busy the shared CPUs were."""
+    return round(os.getloadavg()[0], 2)

