@@ -174,4 +174,5 @@ def test_blocks_with_rotary_or_relative_positions_are_not_fused():
         probe = spec.probe()
         with torch.inference_mode():
             want, got = reference(model, probe), gm(**probe)
-        assert (want[0] - got[0]).abs().max().item() < TOL
+        real = probe["attention_mask"][..., None]  # llama's stack runs padding-free: padded positions are zeros
+        assert ((want[0] - got[0]).abs() * real).max().item() < TOL
