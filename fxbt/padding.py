@@ -208,6 +208,8 @@ def _fits(gm, node, region: Region) -> str | None:
             "its token ids do not run on packed tokens"
     if kind == "join":
         first = _join_inputs(node)[0]
+    if kind == "view" and _name(node) in ("view_as", "reshape_as"):
+        inside = [a for a in inside if a is not node.args[1]]  # read for its shape only
     if first not in region.nodes or len(inside) > 1 and kind != "join":
         return "its input does not run on packed tokens"
     if kind == "view":

@@ -113,3 +113,27 @@ def test_gradients_through_the_packed_stack():
     worst = max(((grads[0][n] - grads[1][n]).abs().max() / grads[1][n].abs().max().clamp(min=1)).item()
                 for n in grads[0])
     assert worst < TOL
+
+
+@pytest.mark.parametrize("model_class,config_class,config", [
+    ("T5EncoderModel", "T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=99)),
+    ("RoFormerModel", "RoFormerConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, vocab_size=99)),
+], ids=["t5_encoder_relative_bias", "roformer_interleaved_rotary"])
+def test_position_schemes_run_as_the_model_wrote_them(model_class, config_class, config):
+    """A relative-position bias (T5) and interleaved rotary embeddings (RoFormer: strided slices, stack, reshape_as)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**config)
+    model = getattr(transformers, model_class)._from_config(config, attn_implementation="eager").eval()
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    opt = fxbt.optimize(model, {"input_ids": torch.randint(3, 99, (3, 9)), "attention_mask": mask}, inplace=False)
+    assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
+    probe = {"input_ids": torch.randint(3, 99, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    probe["attention_mask"][1, 5:], probe["attention_mask"][3, 2:] = 0, 0
+    with torch.no_grad():
+        want, got = model(**probe).last_hidden_state, opt(**probe).last_hidden_state
+    assert ((want - got).abs() * probe["attention_mask"][..., None]).max().item() < TOL
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
