@@ -125,6 +125,9 @@ def _syntactic(gm, node, region: Region) -> str | None:
         return "does not carry the batch and sequence axes"
     if _kind(gm, node) is None:
         return f"{_name(node)} has no packed form"
+    if any(is_attention(gm, u) and node not in [_attention_operand(gm, u, n) for n in ("q", "k", "v")]
+           for u in node.users):
+        return "it is part of an attention's mask, which the padded call computes"
     return None
 
 
@@ -539,8 +542,7 @@ class _Builder:
                 raise _NoPackedForm("a view as a tensor outside the region")
             return self.graph.call_method("reshape", (x, self.graph.call_method("size", (target,))))
         out = sym(node)
-        sizes = [self._size_arg(d, node) for d in range(len(out))]
-        rest = [v for d, v in enumerate(sizes) if d not in self.region.axes(node)]
+        rest = [self._size_arg(d, node) for d in range(len(out)) if d not in self.region.axes(node)]
         lead = -1 if all(not (isinstance(v, int) and v == -1) for v in rest) else \
             self.graph.call_function(packing.token_count, (x,))
         return self.graph.call_method("reshape", (x, (lead, *rest)))

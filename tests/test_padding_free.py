@@ -16,6 +16,9 @@ TOL = 1e-5
 # (model, attention implementation, left padding): encoders, decoders, both padding sides, both attention forms
 # The pass alone (BERT-like blocks with gelu or relu would take the encoder-block template first by default)
 PASS = ["softmax_attention", "existing_sdpa", "padding_free"]
+# the pass reads symbolic batch and sequence sizes, which dynamo's capture carries (transformers 4's fx tracer
+# frontend records concrete sizes: its graphs are not made padding-free yet)
+DYNAMO = {"frontend": "dynamo"}
 STACKS = [("bert", "eager", False), ("bert", "sdpa", True), ("distilbert", "eager", True), ("albert", "eager", False), ("albert", "sdpa", True), ("llama", "sdpa", True), ("llama", "eager", False),
           ("mistral", "eager", True), ("mistral", "sdpa", False)]
 
@@ -28,7 +31,7 @@ def _padding_free(opt):
 def test_whole_stack_runs_on_real_tokens(name, attn, left):
     spec = zoo.SPECS[name]
     model = spec.build(attn)
-    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1, left=left), inplace=False, patterns=PASS)
+    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1, left=left), inplace=False, patterns=PASS, **DYNAMO)
     rows = fxbt.report(opt).rewritten("padding_free")
     assert len(rows) == 1 and f"{zoo.L} attentions" in rows[0].reason, str(fxbt.report(opt))
     for batch, seq in [(4, 12), (2, 5)]:
@@ -43,7 +46,7 @@ def test_whole_stack_runs_on_real_tokens(name, attn, left):
 def test_a_call_without_padding_runs_the_original():
     spec = zoo.SPECS["albert"]
     model = spec.build()
-    opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS)
+    opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS, **DYNAMO)
     probe = zoo.make_inputs(spec, 2, 7, pad=False)
     with torch.no_grad():
         assert max_error(reference(model, probe), opt(**probe)) < TOL
@@ -53,7 +56,7 @@ def test_a_call_without_padding_runs_the_original():
 
 def test_attention_without_a_mask_is_declined_with_the_reason():
     spec = zoo.SPECS["vit"]
-    opt = fxbt.optimize(spec.build(), spec.example(), inplace=False, patterns=PASS)
+    opt = fxbt.optimize(spec.build(), spec.example(), inplace=False, patterns=PASS, **DYNAMO)
     rows = fxbt.report(opt).rejected("padding_free")
     assert rows and all("no mask" in r.reason or "no token is padding" in r.reason for r in rows), \
         str(fxbt.report(opt))
@@ -62,7 +65,7 @@ def test_attention_without_a_mask_is_declined_with_the_reason():
 def test_a_convolution_over_the_sequence_keeps_the_stack_padded():
     """Near-miss twin: the same stack, but its output is mixed over positions: padded values are read."""
     model = handwritten.ConvPooledStack().eval()
-    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS)
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS, **DYNAMO)
     report = fxbt.report(opt)
     assert not report.rewritten("padding_free")
     assert any("mixes positions" in r.reason for r in report.rejected("padding_free")), str(report)
@@ -77,7 +80,7 @@ def test_hand_written_stacks_with_pooler_and_biases(model):
     """A pooler reading position 0 (padding on the left), a bias per head, a mask that differs per query."""
     model.eval()
     x, mask = handwritten.inputs(3, 9)
-    opt = fxbt.optimize(model, (x, mask), inplace=False, patterns=PASS)
+    opt = fxbt.optimize(model, (x, mask), inplace=False, patterns=PASS, **DYNAMO)
     assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
     x, mask = handwritten.inputs(4, 10, seed=5)
     mask[2, :4] = 0  # left padding: position 0 is read by the pooler
@@ -94,7 +97,7 @@ def test_hand_written_stacks_with_pooler_and_biases(model):
 def test_gradients_through_the_packed_stack():
     spec = zoo.SPECS["albert"]
     model = spec.build(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
-    opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS)
+    opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS, **DYNAMO)
     assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
     probe = spec.probe()
     # a linear loss over real tokens
@@ -127,7 +130,8 @@ def test_position_schemes_run_as_the_model_wrote_them(model_class, config_class,
     model = getattr(transformers, model_class)._from_config(config, attn_implementation="eager").eval()
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:], mask[2, 3:] = 0, 0
-    opt = fxbt.optimize(model, {"input_ids": torch.randint(3, 99, (3, 9)), "attention_mask": mask}, inplace=False)
+    opt = fxbt.optimize(model, {"input_ids": torch.randint(3, 99, (3, 9)), "attention_mask": mask}, inplace=False,
+                        **DYNAMO)
     assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
     probe = {"input_ids": torch.randint(3, 99, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     probe["attention_mask"][1, 5:], probe["attention_mask"][3, 2:] = 0, 0
