@@ -337,7 +337,9 @@ def render_generate() -> list[str]:
               "Conditions: " + "; ".join(f"{g['model']} b{g['batch']}: load {g['load'][0]:.1f}/{g['load'][1]:.1f}"
                                           for g in runs if g.get("load")) + f". {runs[0]['machine']}. Graphs "
               "dynamo compiled during the timed rounds (0: every peer was warm): " +
-              ", ".join(f"{g['model']} b{g['batch']} {g['compiled_while_timing']}" for g in runs) + ".", ""]
+              "; ".join(f"{g['model']} b{g['batch']} " + ", ".join(f"{GEN_PEERS[p].strip('*')} {n}" for p, n in
+                                                         g["compiled_while_timing"].items() if n) or "none"
+                        for g in runs) + ".", ""]
     return lines
 
 
