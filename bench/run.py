@@ -27,8 +27,8 @@ PEERS = {"eager": "eager", "hf_sdpa": "HF sdpa", "compile": "torch.compile", "be
          "fxbt": "fxbt", "fxbt_fused": "fxbt (fused kernel)", "fxbt_inductor": "fxbt + inductor"}
 
 
-def steps(quick: bool) -> list[tuple[str, str, list[str]]]:
-    """(label, python, script and arguments) for every workload."""
+def steps(quick: bool, threads: int = 0) -> list[tuple[str, str, list[str]]]:
+    """(label, python, script and arguments) for every workload; ``threads`` for the newer ones (0: default)."""
     py, repeats = sys.executable, ["--repeats", "3" if quick else "7"]
     seqs = [128, 512] if quick else [128, 256, 512, 1024]
     grid = [(1, 128), (8, 64), (8, 256)] if quick else [(1, 128), (8, 64), (8, 256), (32, 128)]
@@ -43,18 +43,20 @@ def steps(quick: bool) -> list[tuple[str, str, list[str]]]:
     plan += [("real model", py, ["minilm.py", "--out", str(RESULTS / "minilm-batch32.json")]),
              ("optimize() cost", py, ["optimize_cost.py", "--layers", *layers,
                                       "--out", str(RESULTS / "optimize-cost.json")])]
-    st = ["--sentences", "256", "--repeats", "2"] if quick else ["--repeats", "5"]
+    st = (["--sentences", "256", "--repeats", "2"] if quick else ["--repeats", "5"]) + ["--threads", str(threads)]
     plan += [("sentence-transformers encode", py, ["st_encode.py", "--peers", "default", "fxbt", *st,
                                                    "--out", str(RESULTS / "st-encode.json")])]
     if ST_BACKENDS_PYTHON.exists():  # ONNX and OpenVINO backends: transformers 4.57.6, sentence-transformers 5.7.0
         plan += [("sentence-transformers backends", str(ST_BACKENDS_PYTHON),
                   ["st_encode.py", *st, "--out", str(RESULTS / "st-encode-backends.json")])]
     plan += [(f"generate {m} batch {b}", py, ["generate.py", "--model", m, "--batch", str(b), "--new-tokens",
-                                              "8" if quick else "32", "--repeats", "2" if quick else "5",
+                                              "8" if quick else "32", "--repeats", "2" if quick else "5", "--threads", str(threads),
                                               "--out", str(RESULTS / f"generate-{m}-b{b}.json")])
              for m in ("gpt2", "llama") for b in (1, 8)]
-    plan += [("grad mode", py, ["grad_mode.py", *repeats, "--out", str(RESULTS / "grad-mode.json")]),
-             ("guard cost", py, ["guard_cost.py", *repeats, "--out", str(RESULTS / "guard-cost.json")])]
+    plan += [("grad mode", py, ["grad_mode.py", *repeats, "--threads", str(threads), "--out",
+                                str(RESULTS / "grad-mode.json")]),
+             ("guard cost", py, ["guard_cost.py", *repeats, "--threads", str(threads), "--out",
+                                 str(RESULTS / "guard-cost.json")])]
     if TRANSFORMERS4_PYTHON.exists():  # the hf_fx frontend: fxbt on transformers 4.57.6
         tf4 = str(TRANSFORMERS4_PYTHON)
         plan += [("optimize() cost, transformers 4", tf4,
@@ -72,7 +74,7 @@ def progress(done: int, total: int, label: str, started: float) -> None:
           end="" if done < total else "\n", flush=True)
 
 
-def run_all(quick: bool) -> None:
+def run_all(quick: bool, threads: int = 0) -> None:
     started = time.time()
     for venv in ("bettertransformer", "transformers4", "st-backends"):
         setup = subprocess.run(["bash", str(HERE / "setup_venv.sh"), venv], capture_output=True, text=True)
@@ -81,7 +83,7 @@ def run_all(quick: bool) -> None:
             print(f"bench/.venv-{venv} could not be built; what needs it is marked not measured:\n{setup.stderr}",
                   file=sys.stderr)
     shutil.rmtree(RESULTS, ignore_errors=True)  # nothing stale is rendered
-    plan = steps(quick)
+    plan = steps(quick, threads)
     retried = {}
     for i, (label, python, argv) in enumerate(plan):
         progress(i, len(plan), label, started)
@@ -458,9 +460,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (minutes, not tens of them)")
     parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md and plots from results/")
+    parser.add_argument("--threads", type=int, default=0, help="threads per process for sentence-transformers encode, "
+                        "generate(), grad mode and guard cost (0: default; 1 on a machine others load)")
     args = parser.parse_args(argv)
     if not args.render_only:
-        run_all(args.quick)
+        run_all(args.quick, args.threads)
     (HERE / "RESULTS.md").write_text(render())
     plots()
     print(f"wrote {HERE / 'RESULTS.md'}")
