@@ -106,10 +106,15 @@ def main(argv=None) -> int:
         first_s[peer] = time.perf_counter() - start
         generate(peer, 1)  # the prefill-only call's shapes, compiled before timing
     same = {p: bool(torch.equal(t, tokens["eager"])) for p, t in tokens.items()} if "eager" in tokens else {}
-    variants = {f"{p} {n}": (lambda p=p, n=n: generate(p, n)) for p in models for n in (args.new_tokens, 1)}
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    recompiled = dict.fromkeys(models, 0)  # graphs dynamo compiled during the timed calls: 0 when all were warm
+
+    def timed(p, n):
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        generate(p, n)
+        recompiled[p] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+
+    variants = {f"{p} {n}": (lambda p=p, n=n: timed(p, n)) for p in models for n in (args.new_tokens, 1)}
     times = harness.interleaved_medians(variants, args.repeats, warmup=0, mode=contextlib.nullcontext)
-    recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs  # should be 0: all warm
     rows = {}
     for p in models:
         full, one = times[f"{p} {args.new_tokens}"], times[f"{p} 1"]
