@@ -123,7 +123,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.workload == "bert-train":
         rows = training("bert", args.padding, args.repeats)
     else:

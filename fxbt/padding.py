@@ -50,7 +50,7 @@ _SPLIT = frozenset({"chunk", "split", "unbind"})
 _JOIN = frozenset({"cat", "concat", "concatenate", "stack"})
 _MODULES = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Dropout, torch.nn.GELU, torch.nn.ReLU, torch.nn.Tanh,
             torch.nn.SiLU, torch.nn.Identity, torch.nn.Sigmoid, torch.nn.Mish, torch.nn.Hardswish, torch.nn.ELU,
-            torch.nn.Softplus, torch.nn.LeakyReLU, torch.nn.Embedding)
+            torch.nn.Softplus, torch.nn.LeakyReLU, torch.nn.Embedding, torch.nn.RMSNorm)
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _kind(gm, node) -> str | None:
         module = gm.get_submodule(node.target)
         if isinstance(module, torch.nn.Embedding):
             return "embedding"
-        return "last_dim" if isinstance(module, _MODULES) or type(module).__name__.endswith("RMSNorm") else None
+        return "last_dim" if isinstance(module, _MODULES) else None
     name = _name(node)
     canon = canonical_op(node, gm).op
     if name == "embedding":
@@ -366,8 +366,8 @@ class Packed:
 
     graph: torch.fx.GraphModule
     inputs: list  # outside nodes, in the placeholders' order
-    outputs: list  # region nodes whose values leave the region, in the output tuple's order
-    output_axes: list  # per output: its token axes (None for a Python value)
+    outputs: list  # region nodes whose values leave the region, in the output tuple's order (their token axes,
+    # None for a Python value, are in ``graph.meta["output_axes"]``)
 
 
 def packed_graph(gm: torch.fx.GraphModule, region: Region, seed: torch.fx.Node, make_tokens: Callable,
@@ -417,7 +417,7 @@ class _Builder:
         self.graph.output(tuple(values) + (self.tokens,))
         module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
         module.meta["output_axes"] = axes
-        return Packed(module, self.inputs, outputs, axes)
+        return Packed(module, self.inputs, outputs)
 
     def _input(self, node):
         if node not in self.env:
@@ -437,7 +437,7 @@ class _Builder:
 
     # -- one node ----------------------------------------------------------------------------------------
     def _translate(self, node, attention):
-        if not _is_tensor(node) and node not in self._attention_nodes():
+        if not _is_tensor(node) and node not in self.region.attentions:
             return self._python(node)
         kind = _kind(self.gm, node)
         if kind == "attention":
@@ -456,11 +456,11 @@ class _Builder:
             ids = node.args[0]
             return self._copy(node, lambda a: self._operand(a, node, drop_last=True) if a is ids else self.env[a])
         if kind in ("last_dim", "matmul"):  # weights, biases, eps: read as they are
-            return self._copy(node, lambda a: self.env[a])
+            new = self._copy(node, lambda a: self.env[a])
+            if kind == "last_dim":
+                new.args, new.kwargs = self._last_dim_args(node, new)
+            return new
         return self._copy(node, lambda a: self._operand(a, node))
-
-    def _attention_nodes(self):
-        return self.region.attentions
 
     def _python(self, node):
         """A Python value: a size query of a packed value answers for the padded tensor it stands for."""
@@ -484,14 +484,12 @@ class _Builder:
         new = self.graph.create_node(node.op, node.target, torch.fx.node.map_arg(node.args, operand),
                                      torch.fx.node.map_arg(node.kwargs, operand))
         new.meta = {"fxbt_packed_from": node.name}
-        if _kind(self.gm, node) == "last_dim" or _name(node) in ("softmax", "log_softmax"):
-            new.args, new.kwargs = self._last_dim_args(node, new)
         return new
 
     def _last_dim_args(self, node, new):
         """A dim argument counted from the front names another axis once the token axes are packed."""
         name = _name(node)
-        if name not in _LAST_DIM - {"linear", "layer_norm", "rms_norm"} and name not in ("softmax", "log_softmax"):
+        if name not in _LAST_DIM - {"linear", "layer_norm", "rms_norm"}:
             return new.args, new.kwargs
         kwargs = dict(new.kwargs)
         if "dim" in kwargs:

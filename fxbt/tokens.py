@@ -51,13 +51,10 @@ class PaddedReads:
     mixes: str | None = None  # the first op that mixes positions, in words
 
 
-def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1),
-                 seq_first: bool = False) -> PaddedReads:
-    """What reads the padded positions of ``value`` (its batch and sequence axes at ``axes``) on the way to the
-    outputs. ``through``: users known to read only real positions (the rest of a padding-free region).
-    ``seq_first``: ``value`` is [sequence, batch, ...] (axes (1, 0))."""
-    if seq_first:
-        axes = (1, 0)
+def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1)) -> PaddedReads:
+    """What reads the padded positions of ``value`` (its batch and sequence axes at ``axes``: (1, 0) for
+    [sequence, batch, ...]) on the way to the outputs. ``through``: users known to read only real positions (the
+    rest of a padding-free region)."""
     shape = sym(value)
     if not isinstance(shape, tuple) or len(shape) < 2 or max(axes) >= len(shape):
         return PaddedReads(mixes=f"{value.name} has no [batch, sequence] symbolic shape")

@@ -362,7 +362,7 @@ def link_stack(gm, installed, report) -> None:
         changed = False
         for node in list(kept):
             readers = frozenset(u for u in node.users if u in kept and u.args[by_node[u].slots["x"].index] is node)
-            found[node] = padded_reads(gm, node, readers, seq_first=by_node[node].params["spec"].seq_first)
+            found[node] = padded_reads(gm, node, readers, axes=(1, 0) if by_node[node].params["spec"].seq_first else (0, 1))
             if found[node].mixes:
                 _revert(gm, node.target, report, f"padded positions of its output are read: {found[node].mixes}")
                 kept.remove(node)

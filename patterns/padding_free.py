@@ -78,10 +78,10 @@ def real_tokens(seed, args, batch: int, seq: int, reads=()) -> Tokens:
     """The call's real tokens: the key columns the seed attention's mask does not mask for every query."""
     if batch * seq == 0:
         raise UseOriginal("an empty batch or sequence")
-    spec = _attention_spec(seed, args, (batch, 1, seq, seq))
-    if spec.mask is None:
+    mask = _mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq))
+    if mask is None:
         raise UseOriginal("the attention has no mask: no token is known to be padding")
-    masked = _masked(spec.mask)
+    masked = _masked(mask)
     if masked.shape[-1] != seq:
         raise UseOriginal("the attention mask does not cover every key")
     keep = ~masked.all(-2).all(-2).expand(batch, seq)
@@ -106,23 +106,31 @@ class _Spec:
         self.exact_rows = exact_rows  # the original's fully masked rows, replayed on SDPA's output (or None)
 
 
-def _attention_spec(region, args, scores_shape) -> _Spec:
-    kwargs = {name: slot_value(slot, args) for name, slot in region.slots.items()}
-    p = region.params
+def _arguments(region, args) -> dict:
+    return {name: slot_value(slot, args) for name, slot in region.slots.items()}
+
+
+def _mask_of(region, kwargs, scores_shape):
+    """The attention's mask over the padded grid, as its region's replacement would build it (or None)."""
     if region.replacement is sdpa_attention:
-        scale = p["scale"]
+        return build_mask(region.params["program"], kwargs.get("mask_terms", ()), torch.float32, scores_shape)
+    if region.replacement is call_sdpa:
+        return kwargs["mask"]
+    raise UseOriginal(f"no per-sequence form for {region.rule}")
+
+
+def _attention_spec(region, args, scores_shape) -> _Spec:
+    kwargs = _arguments(region, args)
+    mask, p = _mask_of(region, kwargs, scores_shape), region.params
+    scale = p["scale"]
+    if region.replacement is sdpa_attention:
         for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):
             scale = scale * term**power
-        mask = build_mask(p["program"], kwargs.get("mask_terms", ()), torch.float32, scores_shape)
         rows = lambda out, sub, q, k: _fully_masked_rows(out, sub, p.get("replaces", False), q, k, scale)  # noqa: E731
         return _Spec(mask, False, scale, _dropout_p(p["dropout"], region.training), p["gqa"], rows)
-    if region.replacement is call_sdpa:
-        scale = p["scale"]
-        for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):
-            scale = (1.0 if scale is None else scale) * term**power
-        return _Spec(kwargs["mask"], p["is_causal"], scale, 0.0 if dropout_is_off() else p["dropout_p"],
-                     p["enable_gqa"], None)
-    raise UseOriginal(f"no per-sequence form for {region.rule}")
+    for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):  # call_sdpa
+        scale = (1.0 if scale is None else scale) * term**power
+    return _Spec(mask, p["is_causal"], scale, 0.0 if dropout_is_off() else p["dropout_p"], p["enable_gqa"], None)
 
 
 def per_sequence_attention(tokens: Tokens, region, args):
