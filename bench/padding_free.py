@@ -8,7 +8,7 @@ Workloads (random weights from configs, no hub):
 - albert (gelu_new), clip (CLIP text), t5 (T5 encoder), roformer: BERT-base-like sizes, batch 8, sequence 128;
 - bert-train: one BERT-base training step (forward + backward, dropout on), batch 8, sequence 128.
 
-    python bench/padding_free.py --workload bert --padding 0 0.25 0.5 0.75 [--repeats 5] [--out F.json]
+    python bench/padding_free.py --workload bert --padding 0 0.25 0.5 0.75 [--repeats 5] [--threads N] [--out F.json]
 """
 from __future__ import annotations
 
@@ -121,13 +121,18 @@ def main() -> None:
     parser.add_argument("--workload", choices=[*MODELS, "bert-train"], default="bert")
     parser.add_argument("--padding", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = harness.load_average()
     if args.workload == "bert-train":
         rows = training("bert", args.padding, args.repeats)
     else:
         rows = inference(args.workload, args.padding, args.repeats)
-    result = {"workload": args.workload, "machine": harness.machine(), "rows": rows}
+    result = {"workload": args.workload, "machine": harness.machine(), "load": [load_before, harness.load_average()],
+              "repeats": args.repeats, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -4,7 +4,8 @@ A specialization (a captured, rewritten and verified graph) serves a call only w
 
 - the call is of the same kind (`call_key`): the same inputs given, the same non-tensor values
   (``output_hidden_states=True``, ``return_dict=False``), every tensor of the same dtype, rank and
-  device, and every module of the model in the same training mode;
+  device, every module of the model in the same training mode, and the same tensor inputs sharing memory
+  (dynamo captures one tensor given for two inputs as one graph input);
 - its input sizes pass the capture's `ShapeGuard` (fxbt/shapes.py);
 - the model still holds the parameter and buffer objects the graph reads, with the dtype, device and
   shape they had (`StateGuard`). The graph reads parameters through these objects, so in-place changes
@@ -65,7 +66,23 @@ def _is_default(value, default) -> bool:
 def call_key(bound: dict[str, Any], modules: list[torch.nn.Module]) -> tuple:
     """What a graph is captured for, apart from sizes: one hashable value per call kind."""
     inputs = tuple((name, _describe(value)) for name, value in bound.items())
-    return inputs, tuple(m.training for m in modules)
+    return inputs, tuple(m.training for m in modules), _sharing(bound)
+
+
+def _sharing(bound: dict[str, Any]) -> tuple:
+    """Per tensor input, the first tensor input sharing its memory (itself where none does): dynamo captures
+    one tensor given twice as one graph input, so a graph is used only for calls that share memory alike."""
+    first: dict = {}
+    tensors = [x for x in pytree.tree_leaves(bound) if isinstance(x, torch.Tensor)]
+    return tuple(first.setdefault(_storage(x), i) for i, x in enumerate(tensors))
+
+
+def _storage(x: torch.Tensor):
+    try:
+        ptr = x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # nested, sparse or functional tensors: identity alone
+        ptr = 0
+    return (x.device, ptr) if ptr else id(x)
 
 
 def _describe(value):
@@ -102,6 +119,8 @@ def describe_key_difference(key: tuple, others: list[tuple]) -> str:
         if key[1] != other[1]:
             found.append("training mode switched" if any(key[1]) != any(other[1]) else
                          "a submodule's training mode changed")
+        if key[2] != other[2]:
+            found.append("tensor inputs share memory differently (one tensor given for two inputs, or views of one)")
         return found
 
     closest = min((differences(o) for o in others), key=len)

@@ -62,6 +62,7 @@ class Region:
     nodes: set = field(default_factory=set)
     attentions: list = field(default_factory=list)  # attention region call nodes, in graph order
     reads: set = field(default_factory=set)  # sequence positions read after the region by a fixed index
+    key_readers: set = field(default_factory=set)  # attention calls after the region reading it as keys/values
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
 
     def axes(self, node) -> tuple[int, int] | None:
@@ -275,7 +276,7 @@ def _dims_fit(node, region: Region) -> str | None:
 def _prune_padded_reads(gm, region: Region) -> bool:
     """A value leaving the region whose padded positions something reads across positions: take back every
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
-    region.reads = set()
+    region.reads, region.key_readers = set(), set()
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
             continue
@@ -284,14 +285,13 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             continue
         axes = region.axes(node)
         reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes)
-        mixes = reads.mixes or (f"attention {reads.attention[0][0].name}, which reads it as keys or values"
-                                if reads.attention else None)
-        if mixes:
+        if reads.mixes:
             for taken in _padded_cone(gm, node, region):
                 region.nodes.discard(taken)
-                region.why_not[taken] = f"padded positions reach {mixes}"
+                region.why_not[taken] = f"padded positions reach {reads.mixes}"
             return True
         region.reads |= set(reads.positions)
+        region.key_readers |= {reader for reader, _ in reads.attention}  # each checks its own mask per call
     return False
 
 

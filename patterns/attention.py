@@ -69,20 +69,52 @@ def sdpa_attention(q, k, v, mask_terms=(), scale_terms=(), padding_terms=(), *, 
     return out if mask is None else _fully_masked_rows(out, mask, replaces, q, k, scale)
 
 
-def _padded_keys_are_masked(mask, program, terms, k) -> None:
-    """Keys and values from a padding-free stack hold zeros at padded positions, where the original holds
-    its own values: exact only where this attention's mask gives those keys no weight (cross-attention over
-    an encoder's output, with the encoder's mask)."""
-    from .encoder import key_padding_of
+def check_padded_keys(gm, reader: torch.fx.Node, terms, padding_program, sources) -> None:
+    """Give an attention region that reads a padding-free stack's output as keys or values (cross-attention
+    over an encoder's output) the stack's own mask, so that it checks per call that its mask gives the zeros
+    left at padded positions no weight. ``padding_program``: ("key_padding" or "dead_columns", the stack's mask
+    program over ``terms``; None: the one term is the mask). ``sources``: the stack's regions, which must be
+    reverted with this one (verification does): without its check, the zeros they leave would be read."""
+    region = gm.get_submodule(reader.target)
+    region.padding_sources = tuple(sorted(set(getattr(region, "padding_sources", ())) | set(sources)))
+    if region.params.get("padding_program") is not None:
+        return
+    index, added = [], []
+    for term in terms:  # nodes become arguments of the call; constants stay in the slot
+        if isinstance(term, torch.fx.Node):
+            index.append(len(reader.args) + len(added))
+            added.append(term)
+        else:
+            index.append(term)
+    reader.args = tuple(reader.args) + tuple(added)
+    region.slots["padding_terms"] = Slot(index=tuple(index), many=True)
+    region.params["padding_program"] = padding_program
 
+
+def _padded_keys_are_masked(mask, padding_program, terms, k) -> None:
+    """Keys and values from a padding-free stack hold zeros at padded positions, where the original holds
+    its own values: exact only where this attention's mask gives those keys no weight and leaves every query
+    some real key (a row masking every key weighs all keys alike under a finite fill)."""
+    from .encoder import key_padding_of
+    from .padding_free import real_columns
+
+    kind, program = padding_program
     try:
-        keep = key_padding_of(program, terms, k.shape[0], k.shape[-2])
-    except UseOriginal:  # not a key-padding mask at this call: the stack ran its original blocks
+        if kind == "key_padding":
+            keep = key_padding_of(program, terms, k.shape[0], k.shape[-2])
+        else:
+            keep = real_columns(terms[0] if program is None else
+                                build_mask(program, terms, torch.float32, (k.shape[0], 1, k.shape[-2], k.shape[-2])),
+                                k.shape[0], k.shape[-2])
+    except UseOriginal:  # the stack ran its original computation in this call: no zeros to check
         return
     if keep is None:
         return
     padded = (~keep)[:, None, None, :]
-    if mask is None or not bool((mask.expand(*mask.shape[:-1], keep.shape[-1]) <= MASKED).logical_or(~padded).all()):
+    if mask is not None:
+        mask = mask.expand(*mask.shape[:-1], keep.shape[-1])
+        masked = ~mask if mask.dtype == torch.bool else mask <= MASKED  # SDPA's boolean masks: True attends
+    if mask is None or not bool(masked.logical_or(~padded).all()) or bool(masked.all(-1).any()):
         raise RecomputeCall("keys from a padding-free stack are read at padded positions this attention's mask "
                             "does not mask")
 
@@ -747,9 +779,12 @@ def existing_sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def call_sdpa(q, k, v, mask, scale_terms=(), *, dropout_p, is_causal, scale, scale_powers, enable_gqa):
+def call_sdpa(q, k, v, mask, scale_terms=(), padding_terms=(), *, dropout_p, is_causal, scale, scale_powers,
+              enable_gqa, padding_program=None):
     for term, power in zip(scale_terms, scale_powers):  # a scale read at run time (a module attribute)
         scale = (1.0 if scale is None else scale) * term**power
+    if padding_program is not None:  # keys from a padding-free stack (cross-attention)
+        _padded_keys_are_masked(mask, padding_program, padding_terms, k)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=enable_gqa)
 

@@ -46,11 +46,11 @@ from fxbt.canon import Const, TensorInfo, origin
 from fxbt.layout import numbered, path_down, replay, token_rows
 from fxbt.meta import depends_on_sizes, is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, heads
-from fxbt.region import Slot, UseOriginal, inline_region
+from fxbt.region import UseOriginal, inline_region
 from fxbt.shapes import fixed, number, same, same_computation, sym
 from fxbt.tokens import padded_reads
 
-from .attention import MASKED, build_mask
+from .attention import MASKED, build_mask, check_padded_keys
 
 DEFAULT_IMPL = {"cpu": "dense", "cuda": "fused"}
 
@@ -373,7 +373,8 @@ def link_stack(gm, installed, report) -> None:
         for node in stack:
             by_node[node].params["reads"] = positions
             for reader, _ in found[node].attention:  # padded keys and values: the reader checks its own mask
-                _check_padded_keys(gm, reader, node, by_node[node])
+                check_padded_keys(gm, reader, _mask_terms(node, by_node[node]),
+                                  ("key_padding", by_node[node].params["spec"].program), [n.target for n in stack])
 
 
 def _link(kept, by_node) -> dict:
@@ -394,19 +395,6 @@ def _link(kept, by_node) -> dict:
         region.params["emit_packed"] = True
         following[node] = nxt_node
     return following
-
-
-def _check_padded_keys(gm, reader, last, block) -> None:
-    """Give an attention region that reads a stack's output as keys or values the stack's own mask, so that it
-    checks, per call, that its mask gives the padded keys no weight."""
-    region = gm.get_submodule(reader.target)
-    if region.params.get("padding_program") is not None:
-        return
-    terms = [t for t in _mask_terms(last, block)]
-    first = len(reader.args)
-    reader.args = tuple(reader.args) + tuple(terms)
-    region.slots["padding_terms"] = Slot(index=tuple(range(first, first + len(terms))), many=True)
-    region.params["padding_program"] = block.params["spec"].program
 
 
 def _stacks(kept, following) -> list[list]:

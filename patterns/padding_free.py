@@ -32,7 +32,8 @@ from fxbt.pattern import Accept, Decline, Rule
 from fxbt.region import UseOriginal, absorb_size_computations, slot_value
 from fxbt.verify import dropout_is_off, run_without_dropout
 
-from .attention import MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, sdpa_attention
+from .attention import (MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, check_padded_keys,
+                        sdpa_attention)
 
 
 def attention_stack(q, k, v):
@@ -52,7 +53,7 @@ class Unpacked(tuple):
         return tuple(self)
 
 
-def padding_free(inputs, *, graph):
+def padding_free(inputs, *, graph, key_readers=(), key_padding=None):  # the last two: for after_padding_free
     try:
         *values, tokens = run_without_dropout(graph, inputs) if dropout_is_off() else graph(*inputs)
     except UseOriginal as e:  # raised inside the graph: its first line is the reason (fx appends the node)
@@ -78,7 +79,20 @@ def real_tokens(seed, args, batch: int, seq: int, reads=()) -> Tokens:
     """The call's real tokens: the key columns the seed attention's mask does not mask for every query."""
     if batch * seq == 0:
         raise UseOriginal("an empty batch or sequence")
-    mask = _mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq))
+    keep = real_columns(_mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq)), batch, seq)
+    if keep is None:
+        raise UseOriginal("no token is padding in this call")
+    if reads:  # positions read after the region (a pooler's first token) are computed even where padding
+        keep = keep.clone()
+        keep[:, list(reads)] = True
+        if bool(keep.all()):
+            raise UseOriginal("no token is padding in this call")
+    return Tokens(keep)
+
+
+def real_columns(mask, batch: int, seq: int) -> torch.Tensor | None:
+    """[batch, seq]: the key columns ``mask`` does not mask for every query (None: every one). UseOriginal where
+    the mask says nothing about padding."""
     if mask is None:
         raise UseOriginal("the attention has no mask: no token is known to be padding")
     masked = _masked(mask)
@@ -87,12 +101,7 @@ def real_tokens(seed, args, batch: int, seq: int, reads=()) -> Tokens:
     keep = ~masked.all(-2).all(-2).expand(batch, seq)
     if not bool(keep.any()):
         raise UseOriginal("no token is real")
-    if reads:  # positions read after the region (a pooler's first token) are computed even where padding
-        keep = keep.clone()
-        keep[:, list(reads)] = True
-    if bool(keep.all()):
-        raise UseOriginal("no token is padding in this call")
-    return Tokens(keep)
+    return None if bool(keep.all()) else keep
 
 
 # --- attention, per sequence ---------------------------------------------------------------------------
@@ -223,8 +232,15 @@ def check_padding_free(match) -> Accept | Decline:
         packed = packed_graph(gm, region, call, real_tokens, per_sequence_attention)
     except ValueError as e:
         return Decline(str(e))
+    zeros = _left_zeros(gm)
+    if any(a in zeros and region.axes(a) is not None for a in packed.inputs):
+        # its real tokens need not be the other region's: it would read zeros where the original has values
+        return Decline("it reads values another padding-free region left zeros in")
     blocks = len(region.attentions)
-    return Accept(inputs={"inputs": tuple(packed.inputs)}, params={"graph": packed.graph},
+    key_padding = _key_padding(gm, call, region, packed)
+    if isinstance(key_padding, str):
+        return Decline(key_padding)
+    return Accept(inputs={"inputs": tuple(packed.inputs)}, params={"graph": packed.graph, **key_padding},
                   absorb=tuple(region.nodes), outputs=tuple(packed.outputs),
                   note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens",
                   impl="packed")
@@ -238,15 +254,53 @@ def _may_mask_keys(region) -> bool:
     return slot is not None and (slot.index is not None or slot.value is not None)
 
 
-def keep_packed_graph(gm, installed, report) -> None:
-    """The packed graph is a child of its region, so ``.to()``, ``.half()`` and copies reach it."""
-    for _, region in installed:
+def _left_zeros(gm) -> set:
+    """Nodes computed from the outputs of padding-free regions installed so far (zeros at padded positions)."""
+    found = set()
+    frontier = [n for n in gm.graph.nodes if n.op == "call_module" and
+                getattr(gm.get_submodule(n.target), "kernel", None) in ("padding_free", "fused_encoder")]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user not in found:
+                found.add(user)
+                frontier.append(user)
+    return found
+
+
+def _key_padding(gm, seed, region, packed) -> dict | str:
+    """For attentions after the region that read its output as keys or values (cross-attention): their names, and
+    the seed attention's mask as inputs of the region (positions in its inputs, or constants) with its program."""
+    if not region.key_readers:
+        return {}
+    attention = gm.get_submodule(seed.target)
+    if attention.replacement is sdpa_attention:
+        program, terms = attention.params["program"], attention.slots["mask_terms"].args_of(seed)
+    else:
+        program, terms = None, attention.slots["mask"].args_of(seed) or (attention.slots["mask"].value,)
+    if any(isinstance(t, torch.fx.Node) and t not in packed.inputs for t in terms):
+        return "an attention after it reads it as keys, and its mask is computed inside it"
+    refs = tuple(packed.inputs.index(t) if isinstance(t, torch.fx.Node) else t for t in terms)
+    return {"key_readers": tuple(sorted(r.target for r in region.key_readers)), "key_padding": (program, refs)}
+
+
+def after_padding_free(gm, installed, report) -> None:
+    """The packed graph becomes a child of its region, so ``.to()``, ``.half()`` and copies reach it; attentions
+    reading a region's output as keys get the seed's mask, to check per call that they mask the padded keys."""
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    for node, region in installed:
         region.add_module("packed", region.params["graph"])
+        if region.params.get("key_readers"):
+            program, refs = region.params["key_padding"]
+            inputs = region.slots["inputs"].args_of(node)
+            terms = [inputs[r] if isinstance(r, int) else r for r in refs]
+            for target in region.params["key_readers"]:  # none of them is in a later region: see _left_zeros
+                check_padded_keys(gm, calls[target], terms, ("dead_columns", program), [node.target])
 
 
 RULES = [
     # after the encoder-block template (priority 1), whose fused kernel and dense blocks take the blocks that fit
     # it; this pass takes the stacks around every attention left
     Rule("padding_free", attention_stack, padding_free, check_padding_free, kernel="padding_free", priority=2,
-         after_pass=keep_packed_graph),
+         after_pass=after_padding_free),
 ]

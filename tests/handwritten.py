@@ -343,3 +343,21 @@ class BiasedStack(nn.Module):
         for layer in self.layers:
             x = layer(x, bias)
         return x
+
+
+class CrossAttending(nn.Module):
+    """An encoder stack, and a decoder layer attending over its output with a mask of its own (``cross``, 1 =
+    the key may be read): the encoder's padded positions are keys there, masked only where ``cross`` says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Stack(lambda: SizeScaledBlock("head_dim"), layers=2)
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+
+    def forward(self, x, mask, y, cross):
+        memory = self.encoder(x, mask)
+        (b, t, e), d = y.shape, DIM // HEADS
+        q = self.q(y).view(b, t, HEADS, d).transpose(1, 2)
+        k, v = (p(memory).view(*memory.shape[:2], HEADS, d).transpose(1, 2) for p in (self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / d ** 0.5 + (1.0 - cross[:, None, None, :].to(y.dtype)) * -10000.0
+        return memory, self.o((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, e))

@@ -94,6 +94,32 @@ def test_hand_written_stacks_with_pooler_and_biases(model):
     assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
 
 
+@pytest.mark.parametrize("patterns", [PASS, None], ids=["padding_free", "encoder_template"])
+def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patterns):
+    """The encoder leaves zeros at padded positions; the decoder's cross-attention reads them as keys. Exact when
+    its own mask masks them (checked per call); near-miss twins: a mask that lets the padded keys be read, and an
+    empty encoder row (its queries weigh every key alike), which run the original."""
+    model = handwritten.CrossAttending().eval()
+    x, mask = handwritten.inputs(3, 9)
+    y = torch.randn(3, 5, handwritten.DIM)
+    opt = fxbt.optimize(model, (x, mask, y, mask.clone()), inplace=False, patterns=patterns, **DYNAMO)
+    report = fxbt.report(opt)
+    assert report.rewritten("padding_free" if patterns else "fused_encoder"), str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    mask[3, 7:] = 0
+    y = torch.randn(4, 6, handwritten.DIM)
+    empty = mask.clone()
+    empty[1] = 0
+    for cross, keys, fast in [(mask.clone(), mask, True), (torch.ones_like(mask), mask, False),
+                              (empty.clone(), empty, False)]:
+        before = fxbt.report(opt).original_calls.total()
+        with torch.no_grad():
+            want, got = model(x, keys, y, cross), opt(x, keys, y, cross)
+        assert ((want[0] - got[0]).abs() * keys[..., None]).max().item() < TOL
+        assert (want[1] - got[1]).abs().max().item() < TOL  # every decoder position
+        assert (fxbt.report(opt).original_calls.total() == before) is fast, fxbt.report(opt).original_calls
+
+
 def test_gradients_through_the_packed_stack():
     spec = zoo.SPECS["albert"]
     model = spec.build(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()

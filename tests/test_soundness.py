@@ -137,6 +137,37 @@ def test_replaced_parameters_and_assign_loads_are_used():
         assert len(fxbt.report(model).reports) == count
 
 
+def test_one_tensor_given_for_two_inputs_does_not_bind_later_calls():
+    """dynamo captures a tensor given twice as one graph input; a call with two different tensors gets its own
+    graph (near-miss twin of the example: the same values, in two tensors)."""
+    model = hw.CrossAttending().eval()
+    x, mask = hw.inputs(3, 9)
+    y = torch.randn(3, 5, hw.DIM)
+    opt = fxbt.optimize(model, (x, mask, y, mask), inplace=False, frontend="dynamo")
+    cross = torch.ones_like(mask)
+    with torch.no_grad():
+        assert max_error(model(x, mask, y, cross)[1], opt(x, mask, y, cross)[1]) < TOL
+        assert max_error(model(x, mask, y, mask)[1], opt(x, mask, y, mask)[1]) < TOL
+    assert "share memory differently" in " ".join(fxbt.report(opt).history), fxbt.report(opt).history
+    assert len(fxbt.report(opt).reports) == 2
+
+
+@pytest.mark.parametrize("patterns", [None, ["softmax_attention", "padding_free"]], ids=["template", "padding_free"])
+def test_an_example_reading_padded_keys_reverts_the_stack_that_leaves_zeros(patterns):
+    """The cross-attention's mask lets the example read the encoder's padded keys: the attention is reverted at
+    verification, and with it, the encoder regions that leave zeros there (no check would be left)."""
+    model = hw.CrossAttending().eval()
+    x, mask = hw.inputs(3, 9)
+    y, cross = torch.randn(3, 5, hw.DIM), torch.ones_like(mask)
+    opt = fxbt.optimize(model, (x, mask, y, cross), inplace=False, patterns=patterns, frontend="dynamo")
+    reverted = [r for r in fxbt.report(opt).rows if "reading its padded positions was reverted" in r.reason]
+    assert reverted and all(r.status == "rejected" for r in reverted), str(fxbt.report(opt))
+    x, mask = hw.inputs(4, 11, seed=3)
+    y = torch.randn(4, 6, hw.DIM)
+    with torch.no_grad():
+        assert max_error(model(x, mask, y, torch.ones_like(mask))[1], opt(x, mask, y, torch.ones_like(mask))[1]) < TOL
+
+
 # --- 5: modes -------------------------------------------------------------------------------------------
 
 
