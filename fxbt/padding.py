@@ -63,6 +63,7 @@ class Region:
     attentions: list = field(default_factory=list)  # attention region call nodes, in graph order
     reads: set = field(default_factory=set)  # sequence positions read after the region by a fixed index
     key_readers: set = field(default_factory=set)  # attention calls after the region reading it as keys/values
+    gathers: set = field(default_factory=set)  # (batch, sequence) index nodes picking positions after the region
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
 
     def axes(self, node) -> tuple[int, int] | None:
@@ -276,7 +277,7 @@ def _dims_fit(node, region: Region) -> str | None:
 def _prune_padded_reads(gm, region: Region) -> bool:
     """A value leaving the region whose padded positions something reads across positions: take back every
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
-    region.reads, region.key_readers = set(), set()
+    region.reads, region.key_readers, region.gathers = set(), set(), set()
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
             continue
@@ -284,7 +285,13 @@ def _prune_padded_reads(gm, region: Region) -> bool:
         if not outside:
             continue
         axes = region.axes(node)
-        reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes)
+        reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes, gathers=True)
+        picking = set().union(*(_ancestors_in(index, region.nodes) for pair in reads.gathers for index in pair))
+        if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
+            for taken in picking:
+                region.nodes.discard(taken)
+                region.why_not[taken] = "it computes positions picked after the region"
+            return True
         if reads.mixes:
             for taken in _padded_cone(gm, node, region):
                 region.nodes.discard(taken)
@@ -292,7 +299,22 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             return True
         region.reads |= set(reads.positions)
         region.key_readers |= {reader for reader, _ in reads.attention}  # each checks its own mask per call
+        region.gathers |= set(reads.gathers)  # computed per call, like fixed positions
     return False
+
+
+def _ancestors_in(node, nodes) -> set:
+    """The members of ``nodes`` that ``node`` is computed from."""
+    found, seen, frontier = set(), set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in nodes:
+            found.add(n)
+        frontier.extend(n.all_input_nodes)
+    return found
 
 
 def _padded_cone(gm, node, region: Region) -> set:
@@ -375,8 +397,9 @@ def packed_graph(gm: torch.fx.GraphModule, region: Region, seed: torch.fx.Node, 
     """The region's nodes written again on packed tokens; the graph returns the region's outputs padded again
     (zeros at padded positions), then the call's `packing.Tokens`.
 
-    ``make_tokens(seed_region, seed_args, batch, seq, reads)`` computes the call's Tokens from the seed attention's
-    mask (its arguments computed inside the region are None there); ``attention(tokens, region, args)`` runs one
+    ``make_tokens(seed_region, seed_args, batch, seq, reads, gathers)`` computes the call's Tokens from the seed
+    attention's mask (its arguments computed inside the region are None there), keeping the fixed positions
+    ``reads`` and the positions the (batch index, sequence index) pairs ``gathers`` pick; ``attention(tokens, region, args)`` runs one
     attention region on packed q, k and v. Raises ValueError for a node with no packed form."""
     return _Builder(gm, region).build(seed, make_tokens, attention)
 
@@ -400,8 +423,13 @@ class _Builder:
         seed_args = tuple(None if a in self.region.nodes else self.env[a] if isinstance(a, torch.fx.Node) else a
                           for a in seed.args)
         reads = tuple(sorted(self.region.reads))
+        gathers = sorted(self.region.gathers, key=lambda pair: (pair[0].name, pair[1].name))
+        for pair in gathers:
+            for index in pair:
+                self._input(index)
+        gathers = tuple((self.env[b], self.env[s]) for b, s in gathers)
         self.tokens = self.graph.call_function(make_tokens, (self.graph.get_attr(seed.target), seed_args, batch, seq,
-                                                              reads))
+                                                              reads, gathers))
         for node in nodes:
             self.env[node] = self._translate(node, attention)
         outputs = [n for n in nodes if any(u not in self.region.nodes for u in n.users)]

@@ -17,7 +17,7 @@ from .errors import RewriteError
 from .matcher import Match, find_matches
 from .pattern import Accept, Decline, Rule
 from .region import (Region, Slot, absorb_size_computations, boundary, escaping, extract, install,
-                     metadata_stand_ins, rewire)
+                     metadata_stand_ins, rewire, topological_order)
 from .report import Report, Row
 from .stages import stage
 
@@ -103,15 +103,30 @@ def _roots(match: Match, accept: Accept):
 def _install(gm, rule, match, interior, accept, stand_ins, replaced) -> str:
     root = _roots(match, accept)
     inputs = boundary(interior, gm.graph)
-    position = {n: i for i, n in enumerate(inputs)}
+    # values only the replacement reads (run-time checks: positions a later op picks) come after the original's
+    extra = [n for n in _nodes_in(accept.inputs.values()) if replaced.get(n, n) not in inputs and n not in interior]
+    extra = list(dict.fromkeys(replaced.get(n, n) for n in extra))
+    position = {n: i for i, n in enumerate(inputs + extra)}
     slots = {name: _slot(value, position, replaced) for name, value in accept.inputs.items()}
     rewire(stand_ins)
     original = extract(gm, interior, root, inputs)
     region = Region(rule.name, rule.kernel, original, rule.replacement, slots, dict(accept.params), rule.fallback)
-    call = install(gm, region, interior, root, inputs)
+    call = install(gm, region, interior, root, inputs + extra)
+    if extra:
+        topological_order(gm.graph)
     if not isinstance(root, tuple):
         replaced[root] = call
     return call.target
+
+
+def _nodes_in(values) -> list:
+    found = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found += _nodes_in(value)
+        elif isinstance(value, torch.fx.Node):
+            found.append(value)
+    return found
 
 
 def _slot(value, position, replaced):

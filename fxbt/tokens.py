@@ -11,6 +11,9 @@ batch and sequence axes apart) to the graph's outputs and says what reads its pa
 
 - positions read by a fixed index (``hidden[:, 0]``, a pooler): exact whenever those positions are real,
   which the caller checks per call;
+- positions picked per call by index tensors over both token axes (``hidden[arange(b), eos_position]``,
+  CLIP's pooler), where the caller accepts them (``gathers=True``): exact whenever the picked positions are
+  computed, which the caller ensures per call;
 - attention regions that take it as keys or values (cross-attention over an encoder's output): exact
   whenever the attention's own mask masks every padded key, which that region checks per call (as
   queries, attention is position-wise: each query's output follows from its own query);
@@ -48,13 +51,15 @@ _LAYOUT = frozenset({"transpose", "permute"})
 class PaddedReads:
     positions: tuple = ()  # sequence positions read by a fixed index
     attention: list = field(default_factory=list)  # (region call node, "k" or "v") reading it as keys/values
+    gathers: list = field(default_factory=list)  # (batch index node, sequence index node) picking positions
     mixes: str | None = None  # the first op that mixes positions, in words
 
 
-def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1)) -> PaddedReads:
+def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1),
+                 gathers=False) -> PaddedReads:
     """What reads the padded positions of ``value`` (its batch and sequence axes at ``axes``: (1, 0) for
     [sequence, batch, ...]) on the way to the outputs. ``through``: users known to read only real positions (the
-    rest of a padding-free region)."""
+    rest of a padding-free region); ``gathers``: positions picked by index tensors are reported, not mixes."""
     shape = sym(value)
     if not isinstance(shape, tuple) or len(shape) < 2 or max(axes) >= len(shape):
         return PaddedReads(mixes=f"{value.name} has no [batch, sequence] symbolic shape")
@@ -77,6 +82,10 @@ def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozens
             position = _position_read(user, node) if axes == (0, 1) else None
             if position is not None:
                 positions.add(position)
+                continue
+            picked = _gather(user, node) if axes == (0, 1) and gathers else None
+            if picked is not None:
+                found.gathers.append(picked)
                 continue
             moved = _follow(gm, user, node, axes, token_axes)
             if isinstance(moved, str):
@@ -115,6 +124,18 @@ def _position_read(user: torch.fx.Node, node: torch.fx.Node):
         if dim == 1 and isinstance(index, int):
             return index
     return None
+
+
+def _gather(user: torch.fx.Node, node: torch.fx.Node):
+    """``node[b_index, s_index]`` (trailing axes whole) with index tensors: the positions CLIP's pooler reads."""
+    if not (user.op == "call_function" and user.target is operator.getitem and user.args[0] is node):
+        return None
+    index = user.args[1]
+    if not isinstance(index, tuple) or len(index) < 2 or not all(isinstance(i, torch.fx.Node) for i in index[:2]):
+        return None
+    if not all(i == slice(None) or i is Ellipsis for i in index[2:]):
+        return None
+    return index[0], index[1]
 
 
 def _follow(gm, user: torch.fx.Node, node: torch.fx.Node, axes, token_axes):

@@ -75,16 +75,18 @@ def _real_at(tokens: Tokens, axes, rank: int) -> torch.Tensor:
 # --- real tokens, from the seed attention's mask -------------------------------------------------------
 
 
-def real_tokens(seed, args, batch: int, seq: int, reads=()) -> Tokens:
+def real_tokens(seed, args, batch: int, seq: int, reads=(), gathers=()) -> Tokens:
     """The call's real tokens: the key columns the seed attention's mask does not mask for every query."""
     if batch * seq == 0:
         raise UseOriginal("an empty batch or sequence")
     keep = real_columns(_mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq)), batch, seq)
     if keep is None:
         raise UseOriginal("no token is padding in this call")
-    if reads:  # positions read after the region (a pooler's first token) are computed even where padding
+    if reads or gathers:  # positions read after the region (a pooler's) are computed even where padding
         keep = keep.clone()
         keep[:, list(reads)] = True
+        for b, s in gathers:
+            keep[b, s] = True
         if bool(keep.all()):
             raise UseOriginal("no token is padding in this call")
     return Tokens(keep)

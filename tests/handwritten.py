@@ -361,3 +361,20 @@ class CrossAttending(nn.Module):
         k, v = (p(memory).view(*memory.shape[:2], HEADS, d).transpose(1, 2) for p in (self.k, self.v))
         scores = q @ k.transpose(-1, -2) / d ** 0.5 + (1.0 - cross[:, None, None, :].to(y.dtype)) * -10000.0
         return memory, self.o((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, e))
+
+
+class PickedPooler(nn.Module):
+    """An encoder stack and a pooler picking one position per row by index tensors (CLIP's end-of-text token):
+    ``given`` picks the positions passed in; ``argmax``, the near-miss, picks them from the stack's own output,
+    which reads every position, padded ones too."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.stack = Stack(lambda: SizeScaledBlock("head_dim"), layers=2)
+        self.score = nn.Linear(DIM, 1)
+
+    def forward(self, x, mask, pick):
+        h = self.stack(x, mask)
+        rows = torch.arange(h.shape[0], device=h.device)
+        return h, h[rows, pick if self.kind == "given" else self.score(h)[..., 0].argmax(-1)]

@@ -20,7 +20,7 @@ PASS = ["softmax_attention", "existing_sdpa", "padding_free"]
 # frontend records concrete sizes: its graphs are not made padding-free yet)
 DYNAMO = {"frontend": "dynamo"}
 STACKS = [("bert", "eager", False), ("bert", "sdpa", True), ("distilbert", "eager", True), ("albert", "eager", False),
-          ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "eager", True)]
+          ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "eager", True), ("clip-text", "eager", False)]
 
 
 def _padding_free(opt):
@@ -118,6 +118,25 @@ def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patt
         assert ((want[0] - got[0]).abs() * keys[..., None]).max().item() < TOL
         assert (want[1] - got[1]).abs().max().item() < TOL  # every decoder position
         assert (fxbt.report(opt).original_calls.total() == before) is fast, fxbt.report(opt).original_calls
+
+
+@pytest.mark.parametrize("kind", ["given", "argmax"])
+def test_positions_picked_by_index_tensors_are_computed(kind):
+    """A pooler picking a position per row (CLIP's end-of-text token): the picked positions are computed even
+    where they are padding; near-miss twin: indices taken from the stack's output, which reads padded positions."""
+    model = handwritten.PickedPooler(kind).eval()
+    x, mask = handwritten.inputs(3, 9)
+    opt = fxbt.optimize(model, (x, mask, torch.tensor([0, 3, 8])), inplace=False, patterns=PASS, **DYNAMO)
+    report = fxbt.report(opt)
+    assert bool(report.rewritten("padding_free")) is (kind == "given"), str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    mask[3, :4] = 0
+    pick = torch.tensor([10, 2, 0, 1])  # rows 1 and 3: padded positions
+    with torch.no_grad():
+        want, got = model(x, mask, pick), opt(x, mask, pick)
+    assert ((want[0] - got[0]).abs() * mask[..., None]).max().item() < TOL
+    assert (want[1] - got[1]).abs().max().item() < TOL
+    assert [r.last_path for r in _padding_free(opt)] == (["replacement"] if kind == "given" else [])
 
 
 def test_gradients_through_the_packed_stack():
