@@ -55,6 +55,9 @@ def steps(quick: bool, threads: int = 0) -> list[tuple[str, str, list[str]]]:
                                               "8" if quick else "32", "--repeats", "2" if quick else "5", "--threads", str(threads),
                                               "--out", str(RESULTS / f"generate-{m}-b{b}.json")])
              for m in ("gpt2", "llama") for b in (1, 8)]
+    plan += [(f"padding-free {w}", py, ["padding_free.py", "--workload", w, "--repeats", "3" if quick else "5",
+                                        "--threads", str(threads), "--out", str(RESULTS / f"padding-free-{w}.json")])
+             for w in PADDING_FREE]
     plan += [("grad mode", py, ["grad_mode.py", *repeats, "--threads", str(threads), "--out",
                                 str(RESULTS / "grad-mode.json")]),
              ("guard cost", py, ["guard_cost.py", *repeats, "--threads", str(threads), "--out",
@@ -423,6 +426,50 @@ def render_grad() -> list[str]:
     return lines
 
 
+# workload -> (what it is, the ratio its target is on, {padding: target}) (issue 13)
+PADDING_FREE = {
+    "bert": ("BERT-base, batch 8, sequence 128, right padding", "over_eager", {0.25: 1.45, 0.5: 1.99}),
+    "llama": ("Llama-shaped embedder (hidden 1024, 8 layers, 16 heads, 4 KV heads), batch 8, sequence 256, left "
+              "padding", "over_sdpa", {0.25: 1.3, 0.5: 1.9, 0.75: 3.5}),
+    "albert": ("ALBERT (gelu_new), BERT-base sizes, batch 8, sequence 128", "over_sdpa", {0.5: 1.7}),
+    "clip": ("CLIP text, BERT-base sizes, batch 8, sequence 128", "over_sdpa", {0.5: 1.7}),
+    "t5": ("T5 encoder, BERT-base sizes, batch 8, sequence 128", "over_sdpa", {0.5: 1.7}),
+    "roformer": ("RoFormer, BERT-base sizes, batch 8, sequence 128 (transformers has no sdpa attention for it: "
+                 "'over sdpa' is over its default, eager)", "over_sdpa", {0.5: 1.7}),
+    "bert-train": ("BERT-base training step (forward + backward, dropout on), batch 8, sequence 128", "over_eager",
+                   {0.5: 1.6}),
+}
+
+
+def render_padding_free() -> list[str]:
+    runs = {w: load(f"padding-free-{w}.json") for w in PADDING_FREE}
+    runs = {w: r for w, r in runs.items() if r}
+    if not runs:
+        return []
+    first = next(iter(runs.values()))
+    lines = ["## Padding-free stacks (any block): speedup by padding, CPU fp32", "",
+             "bench/padding_free.py: random weights from configs; fxbt's default (`fxbt.optimize(model, batch)` on "
+             "the sdpa model, for the batch's padding) against transformers' eager and sdpa, interleaved, median of "
+             f"{first.get('repeats', 5)}. Targets from issue 13. {first['machine']}.", "",
+             "| workload | padding | eager ms | sdpa ms | fxbt ms | fxbt over eager | fxbt over sdpa | max error "
+             "(real tokens) | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for w, run in runs.items():
+        what, ratio, targets = PADDING_FREE[w]
+        for r in run["rows"]:
+            ms = r["ms"]
+            target = targets.get(r["padding"])
+            verdict = "" if target is None else \
+                f"{'met' if r[ratio] >= target else '**not met**'} (>= {target}x {ratio.replace('_', ' ')})"
+            sdpa_ms = f"{ms['sdpa']:.0f}" if "sdpa" in ms else "—"
+            over_sdpa = f"{r['over_sdpa']:.2f}x" if "over_sdpa" in r else "—"
+            err = f"{r['max_err']:.1e}" if "max_err" in r else "—"
+            lines.append(f"| {w} | {r['padding']:.2f} | {ms['eager']:.0f} | {sdpa_ms} | {ms['fxbt']:.0f} | "
+                         f"{r['over_eager']:.2f}x | {over_sdpa} | {err} | {verdict} |")
+    lines += [""] + [f"- {w}: {PADDING_FREE[w][0]}; load average {r['load'][0]:.1f} before, {r['load'][1]:.1f} "
+                     f"after; {r['machine'].split(', ')[1]}." for w, r in runs.items() if r.get("load")] + [""]
+    return lines
+
+
 def render_guard() -> list[str]:
     guard = load("guard-cost.json")
     if not guard:
@@ -463,7 +510,8 @@ def machines() -> list[str]:
 
 def render() -> str:
     lines = ["# fxbt benchmark results", "", *machines(), *render_encoder(), *render_decoder(), *render_real_model(),
-             *render_st(), *render_generate(), *render_grad(), *render_guard(), *render_cost(), *render_profile(),
+             *render_padding_free(), *render_st(), *render_generate(), *render_grad(), *render_guard(),
+             *render_cost(), *render_profile(),
              "## GPU", "",
              "Not measured: no GPU was lent to the session that made this file (encoder sweep at batch 64, "
              "sequence 256, fp16 and GPT-2 at sequence 1024 are to be added with the device named when one is).", ""]
