@@ -429,6 +429,8 @@ def check_pre_norm(match):
 
 
 def _check(match, norm_first: bool):
+    if origin(match.root).graph.owning_module.training:  # the block would run its original on every call
+        return Decline("training mode: the block runs its original (the padding-free pass may take the stack)")
     g = match.graph
     b = match.bindings
     x = b["x"]
