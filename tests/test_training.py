@@ -18,7 +18,8 @@ def test_dropout_zero_training_outputs_and_gradients_equal():
     model = spec.build(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0).train()
     gm = fxbt.optimize(model, spec.example(), inplace=False)
     assert len(fxbt.report(gm).rewritten("sdpa")) == spec.attention_sites
-    assert fxbt.report(gm).rewritten("padding_free"), str(fxbt.report(gm))  # in training, the stack is packed
+    if fxbt.report(gm).frontend == "dynamo":  # in training, the stack is packed (symbolic sizes needed)
+        assert fxbt.report(gm).rewritten("padding_free"), str(fxbt.report(gm))
     probe = spec.probe()
     real = probe["attention_mask"][..., None]  # padded positions are zeros by design: a loss over real tokens
     want = model(**probe).last_hidden_state
