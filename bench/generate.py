@@ -85,12 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=None)
+    harness.run_options(parser)
     args = parser.parse_args(argv)
-    load_before = harness.load_average()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    load_before = harness.start(args)
     torch._dynamo.config.recompile_limit = 64
     torch.compile(lambda x: x + 1, backend="eager")(torch.ones(1))  # dynamo's one-off start-up, charged to none
     models, optimize_s, first_s, tokens = {}, {}, {}, {}

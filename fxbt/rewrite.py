@@ -104,8 +104,9 @@ def _install(gm, rule, match, interior, accept, stand_ins, replaced) -> str:
     root = _roots(match, accept)
     inputs = boundary(interior, gm.graph)
     # values only the replacement reads (run-time checks: positions a later op picks) come after the original's
-    extra = [n for n in _nodes_in(accept.inputs.values()) if replaced.get(n, n) not in inputs and n not in interior]
-    extra = list(dict.fromkeys(replaced.get(n, n) for n in extra))
+    read: list = []
+    torch.fx.node.map_arg(tuple(accept.inputs.values()), read.append)
+    extra = [n for n in dict.fromkeys(replaced.get(n, n) for n in read) if n not in inputs and n not in interior]
     position = {n: i for i, n in enumerate(inputs + extra)}
     slots = {name: _slot(value, position, replaced) for name, value in accept.inputs.items()}
     rewire(stand_ins)
@@ -117,16 +118,6 @@ def _install(gm, rule, match, interior, accept, stand_ins, replaced) -> str:
     if not isinstance(root, tuple):
         replaced[root] = call
     return call.target
-
-
-def _nodes_in(values) -> list:
-    found = []
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            found += _nodes_in(value)
-        elif isinstance(value, torch.fx.Node):
-            found.append(value)
-    return found
 
 
 def _slot(value, position, replaced):

@@ -64,15 +64,18 @@ def verify(gm: torch.fx.GraphModule, flat_inputs: list, report) -> list[str]:
     with torch.no_grad(), dropout_off():
         Checker(gm).run(*flat_inputs)
     bad = [name for name, v in verdicts.items() if isinstance(v, str) or v[0] > v[1]]
-    for name in list(bad):  # a reverted region that checked the zeros other regions leave: they go with it
+    reverted_with = {}  # a reverted region that checked the zeros other regions leave: they go with it
+    for name in bad:
         for source in getattr(gm.get_submodule(name), "padding_sources", ()):
             if source not in bad:
-                bad.append(source)
-                verdicts[source] = f"an attention reading its padded positions was reverted ({name})"
+                reverted_with.setdefault(source, name)
+    bad += list(reverted_with)
     for name in bad:
         inline_region(gm, name)
-        verdict = verdicts[name]
-        why = (f"verification: the replacement cannot compute the example ({verdict})" if isinstance(verdict, str)
+        verdict = verdicts.get(name)
+        why = (f"verification: an attention reading its padded positions was reverted ({reverted_with[name]})"
+               if name in reverted_with else
+               f"verification: the replacement cannot compute the example ({verdict})" if isinstance(verdict, str)
                else f"verification: outputs differ by {verdict[0]:.1e} (tolerance {verdict[1]:.0e})")
         for row in report.rows:
             if row.region == name:

@@ -96,16 +96,14 @@ def _padded_keys_are_masked(mask, padding_program, terms, k) -> None:
     its own values: exact only where this attention's mask gives those keys no weight and leaves every query
     some real key (a row masking every key weighs all keys alike under a finite fill)."""
     from .encoder import key_padding_of
-    from .padding_free import real_columns
+    from .padding_free import mask_from, real_columns
 
-    kind, program = padding_program
+    (kind, program), (b, s) = padding_program, (k.shape[0], k.shape[-2])
     try:
         if kind == "key_padding":
-            keep = key_padding_of(program, terms, k.shape[0], k.shape[-2])
+            keep = key_padding_of(program, terms, b, s)
         else:
-            keep = real_columns(terms[0] if program is None else
-                                build_mask(program, terms, torch.float32, (k.shape[0], 1, k.shape[-2], k.shape[-2])),
-                                k.shape[0], k.shape[-2])
+            keep = real_columns(mask_from(program, terms, (b, 1, s, s)), b, s)
     except UseOriginal:  # the stack ran its original computation in this call: no zeros to check
         return
     if keep is None:

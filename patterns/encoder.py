@@ -653,7 +653,6 @@ def _merge_back(match, sdpa, in_x, tokens, e, heads_count) -> Decline | None:
     """The attention output merged back to the hidden size, projected, and put back in the block input's
     layout (added to it as the residual), proven by replay."""
     g = match.graph
-    x = match.bindings["x"]
     linears = [k for k in match.keys if g.op(k) == "linear"]
     for linear in linears:
         pre, found = path_down(g, g.operands(linear)[0], lambda k: k == sdpa)

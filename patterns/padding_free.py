@@ -121,13 +121,25 @@ def _arguments(region, args) -> dict:
     return {name: slot_value(slot, args) for name, slot in region.slots.items()}
 
 
+def _mask_source(region) -> tuple:
+    """Where an attention region's mask comes from: (its program over the terms in slot ``mask_terms``, or None
+    where slot ``mask`` holds the mask itself; that slot's name)."""
+    if region.replacement is sdpa_attention:
+        return region.params["program"], "mask_terms"
+    if region.replacement is call_sdpa:
+        return None, "mask"
+    raise UseOriginal(f"no per-sequence form for {region.rule}")
+
+
+def mask_from(program, terms, scores_shape):
+    """The mask ``program`` builds over ``terms`` (None: the one term is the mask), or None."""
+    return terms[0] if program is None else build_mask(program, terms, torch.float32, scores_shape)
+
+
 def _mask_of(region, kwargs, scores_shape):
     """The attention's mask over the padded grid, as its region's replacement would build it (or None)."""
-    if region.replacement is sdpa_attention:
-        return build_mask(region.params["program"], kwargs.get("mask_terms", ()), torch.float32, scores_shape)
-    if region.replacement is call_sdpa:
-        return kwargs["mask"]
-    raise UseOriginal(f"no per-sequence form for {region.rule}")
+    program, slot = _mask_source(region)
+    return mask_from(program, kwargs.get(slot, ()) if program is not None else (kwargs[slot],), scores_shape)
 
 
 def _attention_spec(region, args, scores_shape) -> _Spec:
@@ -276,10 +288,9 @@ def _key_padding(gm, seed, region, packed) -> dict | str:
     if not region.key_readers:
         return {}
     attention = gm.get_submodule(seed.target)
-    if attention.replacement is sdpa_attention:
-        program, terms = attention.params["program"], attention.slots["mask_terms"].args_of(seed)
-    else:
-        program, terms = None, attention.slots["mask"].args_of(seed) or (attention.slots["mask"].value,)
+    program, name = _mask_source(attention)
+    slot = attention.slots[name]
+    terms = slot.args_of(seed) if slot.many or slot.index is not None else (slot.value,)  # a constant mask
     if any(isinstance(t, torch.fx.Node) and t not in packed.inputs for t in terms):
         return "an attention after it reads it as keys, and its mask is computed inside it"
     refs = tuple(packed.inputs.index(t) if isinstance(t, torch.fx.Node) else t for t in terms)

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxbt
 from conftest import identical
@@ -351,16 +350,21 @@ class XTransformersAttention(nn.Module):
         return x + self.ff(x)
 
 
-def test_x_transformers_like_block_attention_is_sdpa():
-    torch.manual_seed(0)
-    model = XTransformersAttention().eval()
-    gm = fxbt.optimize(model, (tokens(2, 5), ~padding(2, 5)), inplace=False)
-    assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
+def _matches_at_other_sizes(model, gm):
+    """Real tokens equal at other batch and sequence sizes (padded), and unroll gives the original back."""
     for batch, seq in [(3, 7), (1, 2)]:
         x, keep = tokens(batch, seq, seed=seq), ~padding(batch, seq, seed=seq)
         with torch.no_grad():
             assert real_error(model(x, keep), gm(x, keep)) < TOL
         assert identical(fxbt.unroll(gm)(x, keep), original(model, x, keep))
+
+
+def test_x_transformers_like_block_attention_is_sdpa():
+    torch.manual_seed(0)
+    model = XTransformersAttention().eval()
+    gm = fxbt.optimize(model, (tokens(2, 5), ~padding(2, 5)), inplace=False)
+    assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
+    _matches_at_other_sizes(model, gm)
 
 
 # --- multi-query and grouped-query attention, every way of sharing K/V heads ----------------------
@@ -403,11 +407,7 @@ def test_shared_key_value_heads_become_sdpa(form, kv, gqa):
     assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
     region = next(r for _, r in regions(gm) if r.kernel == "sdpa")
     assert region.params["gqa"] is gqa
-    for batch, seq in [(3, 7), (1, 2)]:
-        x, keep = tokens(batch, seq, seed=seq), ~padding(batch, seq, seed=seq)
-        with torch.no_grad():
-            assert real_error(model(x, keep), gm(x, keep)) < TOL
-        assert identical(fxbt.unroll(gm)(x, keep), original(model, x, keep))
+    _matches_at_other_sizes(model, gm)
 
 
 # --- capture that says what blocks it --------------------------------------------------------------
