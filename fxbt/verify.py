@@ -8,7 +8,9 @@ output is packed (the middle of a padding-free stack) are compared after unpacki
 which such stacks leave as zeros by design, are not compared.
 
 A graph captured in training mode draws random numbers in dropout, differently in a region and in its
-original; it is verified with dropout off on both sides (`dropout_off`).
+original; it is verified with dropout off on both sides. A padding-free stack verified on an example with no
+padding (a batch of one) runs its packed path on every token rather than its original (`verifying`): what a
+padded call adds to that path, the restricted masks, is checked on every call.
 """
 from __future__ import annotations
 
@@ -28,18 +30,19 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torc
 _STATE = threading.local()
 
 
-def dropout_is_off() -> bool:
-    """True while verification runs a graph with dropout off (replacements ask this too)."""
-    return getattr(_STATE, "dropout_off", False)
+def verifying() -> bool:
+    """True while verification runs a graph: dropout is off, and replacements compute what they would skip
+    (replacements ask this)."""
+    return getattr(_STATE, "verifying", False)
 
 
 @contextlib.contextmanager
-def dropout_off():
-    _STATE.dropout_off = True
+def _verifying():
+    _STATE.verifying = True
     try:
         yield
     finally:
-        _STATE.dropout_off = False
+        _STATE.verifying = False
 
 
 def verify(gm: torch.fx.GraphModule, flat_inputs: list, report) -> list[str]:
@@ -61,7 +64,7 @@ def verify(gm: torch.fx.GraphModule, flat_inputs: list, report) -> list[str]:
                 return want
             return got
 
-    with torch.no_grad(), dropout_off():
+    with torch.no_grad(), _verifying():
         Checker(gm).run(*flat_inputs)
     bad = [name for name, v in verdicts.items() if isinstance(v, str) or v[0] > v[1]]
     reverted_with = {}  # a reverted region that checked the zeros other regions leave: they go with it

@@ -38,7 +38,7 @@ from fxbt.meta import is_size_query, val
 from fxbt.pattern import Accept, Decline, Rule, chain, views
 from fxbt.region import RecomputeCall, Region, Slot, UseOriginal, boundary, extract, fetch, install
 from fxbt.shapes import fixed, number, same, sym
-from fxbt.verify import dropout_is_off
+from fxbt.verify import verifying
 
 MASKED = -1e4  # scores at or below this get exactly zero probability after softmax (exp underflows)
 
@@ -144,7 +144,7 @@ def _scores_vanish_beside(mask, rows, q, k, scale) -> bool:
 def _dropout_p(dropout, training: bool) -> float:
     p, mode = dropout
     active = training if mode == "module" else bool(mode)
-    return p if active and not dropout_is_off() else 0.0
+    return p if active and not verifying() else 0.0
 
 
 class CausalProof:

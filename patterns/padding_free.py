@@ -30,7 +30,7 @@ from fxbt.packing import Tokens
 from fxbt.padding import is_attention, packed_graph, token_region
 from fxbt.pattern import Accept, Decline, Rule
 from fxbt.region import UseOriginal, absorb_size_computations, slot_value
-from fxbt.verify import dropout_is_off, run_without_dropout
+from fxbt.verify import run_without_dropout, verifying
 
 from .attention import (MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, check_padded_keys,
                         sdpa_attention)
@@ -55,7 +55,7 @@ class Unpacked(tuple):
 
 def padding_free(inputs, *, graph, key_readers=(), key_padding=None):  # the last two: for after_padding_free
     try:
-        *values, tokens = run_without_dropout(graph, inputs) if dropout_is_off() else graph(*inputs)
+        *values, tokens = run_without_dropout(graph, inputs) if verifying() else graph(*inputs)
     except UseOriginal as e:  # raised inside the graph: its first line is the reason (fx appends the node)
         raise UseOriginal(str(e).splitlines()[0]) from None
     out = Unpacked(values)
@@ -80,6 +80,8 @@ def real_tokens(seed, args, batch: int, seq: int, reads=(), gathers=()) -> Token
     if batch * seq == 0:
         raise UseOriginal("an empty batch or sequence")
     keep = real_columns(_mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq)), batch, seq)
+    if keep is None and verifying():  # an example with no padding still verifies the packed path
+        keep = torch.ones(batch, seq, dtype=torch.bool)
     if keep is None:
         raise UseOriginal("no token is padding in this call")
     if reads or gathers:  # positions read after the region (a pooler's) are computed even where padding
@@ -87,7 +89,7 @@ def real_tokens(seed, args, batch: int, seq: int, reads=(), gathers=()) -> Token
         keep[:, list(reads)] = True
         for b, s in gathers:
             keep[b, s] = True
-        if bool(keep.all()):
+        if bool(keep.all()) and not verifying():
             raise UseOriginal("no token is padding in this call")
     return Tokens(keep)
 
@@ -153,7 +155,7 @@ def _attention_spec(region, args, scores_shape) -> _Spec:
         return _Spec(mask, False, scale, _dropout_p(p["dropout"], region.training), p["gqa"], rows)
     for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):  # call_sdpa
         scale = (1.0 if scale is None else scale) * term**power
-    return _Spec(mask, p["is_causal"], scale, 0.0 if dropout_is_off() else p["dropout_p"], p["enable_gqa"], None)
+    return _Spec(mask, p["is_causal"], scale, 0.0 if verifying() else p["dropout_p"], p["enable_gqa"], None)
 
 
 def per_sequence_attention(tokens: Tokens, region, args):
@@ -236,8 +238,12 @@ def check_padding_free(match) -> Accept | Decline:
     gm = call.graph.owning_module
     if not is_attention(gm, call):
         return Decline("not an attention region")
+    if gm.get_submodule(call.target).replacement not in (sdpa_attention, call_sdpa):
+        return Decline(f"no per-sequence form for {gm.get_submodule(call.target).rule}")
     if not _may_mask_keys(gm.get_submodule(call.target)):
         return Decline("its attention has no mask: no token is ever padding")
+    if not any(isinstance(t, torch.fx.Node) and not t.meta.get("fxbt_shape_only") for t in _mask_terms(gm, call)):
+        return Decline("its mask is computed from sizes alone (no input masks a token): no token is ever padding")
     region = token_region(gm, call)
     if isinstance(region, str):
         return Decline(region)
@@ -268,6 +274,12 @@ def _may_mask_keys(region) -> bool:
     return slot is not None and (slot.index is not None or slot.value is not None)
 
 
+def _mask_terms(gm, call) -> tuple:
+    """The values an attention region's mask is built from: nodes of ``gm``, or constants."""
+    slot = gm.get_submodule(call.target).slots[_mask_source(gm.get_submodule(call.target))[1]]
+    return slot.args_of(call) if slot.many or slot.index is not None else (slot.value,)
+
+
 def _left_zeros(gm) -> set:
     """Nodes computed from the outputs of padding-free regions installed so far (zeros at padded positions)."""
     found = set()
@@ -287,10 +299,8 @@ def _key_padding(gm, seed, region, packed) -> dict | str:
     the seed attention's mask as inputs of the region (positions in its inputs, or constants) with its program."""
     if not region.key_readers:
         return {}
-    attention = gm.get_submodule(seed.target)
-    program, name = _mask_source(attention)
-    slot = attention.slots[name]
-    terms = slot.args_of(seed) if slot.many or slot.index is not None else (slot.value,)  # a constant mask
+    program, _ = _mask_source(gm.get_submodule(seed.target))
+    terms = _mask_terms(gm, seed)
     if any(isinstance(t, torch.fx.Node) and t not in packed.inputs for t in terms):
         return "an attention after it reads it as keys, and its mask is computed inside it"
     refs = tuple(packed.inputs.index(t) if isinstance(t, torch.fx.Node) else t for t in terms)
