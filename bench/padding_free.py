@@ -6,6 +6,8 @@ Workloads (random weights from configs, no hub):
 - llama: a Llama-shaped decoder used as an embedder (hidden 1024, 8 layers, 16 heads, 4 KV heads), batch 8,
   sequence 256, left padding (ratios over sdpa);
 - albert (gelu_new), clip (CLIP text), t5 (T5 encoder), roformer: BERT-base-like sizes, batch 8, sequence 128;
+- gpt2: GPT-2 small (its linears run on [batch·sequence, features]) used as an embedder, batch 8, sequence 128,
+  left padding;
 - bert-train: one BERT-base training step (forward + backward, dropout on), batch 8, sequence 128.
 
     python bench/padding_free.py --workload bert --padding 0 0.25 0.5 0.75 [--repeats 5] [--threads N] [--out F.json]
@@ -39,6 +41,7 @@ MODELS = {  # name -> (model class, config class, config, batch, seq, padding si
     "t5": ("T5EncoderModel", "T5Config", dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12), 8, 128,
            "right"),
     "roformer": ("RoFormerModel", "RoFormerConfig", BASE, 8, 128, "right"),
+    "gpt2": ("GPT2Model", "GPT2Config", dict(n_embd=768, n_layer=12, n_head=12, n_positions=256), 8, 128, "left"),
 }
 
 

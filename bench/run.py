@@ -436,6 +436,8 @@ PADDING_FREE = {
     "t5": ("T5 encoder, BERT-base sizes, batch 8, sequence 128", "over_sdpa", {0.5: 1.7}),
     "roformer": ("RoFormer, BERT-base sizes, batch 8, sequence 128 (transformers has no sdpa attention for it: "
                  "'over sdpa' is over its default, eager)", "over_sdpa", {0.5: 1.7}),
+    "gpt2": ("GPT-2 small as an embedder (linears on [batch·sequence, features]), batch 8, sequence 128, left "
+             "padding", "over_sdpa", {}),
     "bert-train": ("BERT-base training step (forward + backward, dropout on), batch 8, sequence 128", "over_eager",
                    {0.5: 1.6}),
 }

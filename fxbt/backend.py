@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from . import decompose, registry, shapes
+from . import decompose, functional, registry, shapes
 from .canon import canonical_op
 from .meta import propagate
 from .report import Report
@@ -41,6 +41,7 @@ def _concrete(x):
 def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: dict | None = None,
             sink: list | None = None, reason: str = "a graph handed over by torch.compile") -> torch.fx.GraphModule:
     inputs = [_concrete(x) for x in example_inputs]
+    functional.out_of_place(gm)
     propagate(gm, inputs)
     if decompose.candidates(gm):  # PyTorch's multi-head attention, written out as the ops it runs
         decompose.fake_values(gm, decompose.decompose(gm))

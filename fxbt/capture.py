@@ -42,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import decompose, shapes
+from . import decompose, functional, shapes
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -117,6 +117,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 with stage("calling convention"):
                     flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
                     _decompose_attention(gm, flat_inputs, name)
+                    functional.out_of_place(gm)
                     _number(gm)
                 with stage("reproduction check"):
                     _reproduces(gm, flat_inputs, reference, model.training)

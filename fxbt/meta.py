@@ -58,9 +58,52 @@ def depends_on_sizes(node: torch.fx.Node) -> bool:
 
 def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Nodes whose value is a function of input sizes, parameters and buffers alone (so, for given sizes and
-    weights, always the same value: random and uninitialised tensors are not)."""
+    weights, always the same value: random and uninitialised tensors are not). A tensor an in-place op later
+    writes other values into is not, nor is anything computed from it."""
+    found = _shape_only(graph, set())
+    written = {base for node in graph.nodes if _writes(node) and not all(a in found for a in node.all_input_nodes)
+               for base in _bases(node.args[0])}
+    return _shape_only(graph, written) if written else found
+
+
+_VIEWS = {"getitem", "view", "reshape", "transpose", "permute", "expand", "expand_as", "narrow", "select", "squeeze",
+          "unsqueeze", "contiguous", "detach", "to", "type", "float", "half", "t", "flatten", "unflatten", "as_strided",
+          "view_as", "reshape_as", "split", "chunk", "unbind", "swapaxes", "movedim", "type_as"}
+
+
+def _writes(node: torch.fx.Node) -> bool:
+    """An in-place op (its first argument is written)."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "")
+    if getattr(node.target, "__module__", "") in ("_operator", "operator"):  # operator.and_ is ``&``
+        return name in ("setitem", "iadd", "isub", "imul", "itruediv", "iand", "ior")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _bases(node: torch.fx.Node) -> set:
+    """``node`` and the tensors it may be a view of (their memory is written with it)."""
+    found, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in found or not isinstance(n, torch.fx.Node):
+            continue
+        found.add(n)
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name in _VIEWS and n.args:
+            frontier.append(n.args[0])
+    return found
+
+
+def _shape_only(graph: torch.fx.Graph, excluded: set) -> set[torch.fx.Node]:
     found: set[torch.fx.Node] = set()
     for node in graph.nodes:
+        if node in excluded:
+            continue
         if node.op in ("placeholder", "output"):
             continue
         if node.op == "get_attr" or is_size_query(node):

@@ -5,7 +5,8 @@ indices in row-major order, and where each sequence's tokens start among them. A
 axes somewhere in its shape ([b, s, e] for hidden states, [b, h, s, d] between the head split and attention):
 its packed form is always [T] followed by its other axes in order, T the number of real tokens. `pack`
 gathers the real tokens of a tensor (a size-1 token axis broadcasts), `unpack` scatters them back with zeros
-at padded positions, `logical_size` answers size queries for the padded tensor a packed one stands for.
+at padded positions, `logical_size` answers size queries for the padded tensor a packed one stands for. Token
+axes given as one axis twice (b_axis == s_axis) are merged: one axis of batch·sequence, batch outer.
 All of it is made of differentiable ops.
 """
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Tokens:
 
 def pack(x: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> torch.Tensor:
     """[..b..s..] (a token axis of size 1 broadcasts) -> [T, the other axes in order]."""
+    if b_axis == s_axis:
+        sizes = list(x.shape)
+        sizes[b_axis] = tokens.batch * tokens.seq
+        return x.expand(sizes).movedim(b_axis, 0).index_select(0, tokens.index)
     sizes = list(x.shape)
     sizes[b_axis], sizes[s_axis] = tokens.batch, tokens.seq
     x = x.expand(sizes)
@@ -58,6 +63,8 @@ def unpack(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> to
     """[T, others] -> the padded tensor, zeros at padded positions, token axes where they belong."""
     others = tuple(packed.shape[1:])
     full = packed.new_zeros((tokens.batch * tokens.seq,) + others).index_copy(0, tokens.index, packed)
+    if b_axis == s_axis:
+        return full.movedim(0, b_axis)
     full = full.view((tokens.batch, tokens.seq) + others)
     rank = len(others) + 2
     order = [0] * rank  # the padded tensor's axis i comes from the unpacked view's axis order[i]
@@ -70,7 +77,9 @@ def unpack(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> to
 def logical_size(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int, dim=None):
     """``size()`` / ``size(dim)`` of the padded tensor that ``packed`` stands for."""
     sizes = list(packed.shape[1:])
-    for axis, size in sorted(((b_axis, tokens.batch), (s_axis, tokens.seq))):
+    if b_axis == s_axis:
+        sizes.insert(b_axis, tokens.batch * tokens.seq)
+    for axis, size in sorted(((b_axis, tokens.batch), (s_axis, tokens.seq))) if b_axis != s_axis else ():
         sizes.insert(axis, size)
     if dim is None:
         return torch.Size(sizes)

@@ -29,6 +29,7 @@ from .canon import canonical_op
 from .meta import TensorInfo, is_size_query
 from .shapes import same, sym
 from .tokens import POSITIONWISE, padded_reads
+from .values import ValueKeys
 
 # ops computed position by position, named as their targets (beyond the canonical view's POSITIONWISE)
 _POINTWISE_NAMES = frozenset({
@@ -67,17 +68,30 @@ class Region:
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
 
     def axes(self, node) -> tuple[int, int] | None:
-        """Where the token axes are in ``node``'s shape, when each appears exactly once."""
+        """Where the token axes are in ``node``'s shape, when each appears exactly once; (m, m) where one axis m
+        holds both, batch outer (GPT-2's and OPT's linears on [batch·sequence, features])."""
         shape = sym(node)
         if not isinstance(shape, tuple):
             return None
+        if shape and all(isinstance(part, tuple) for part in shape):  # the parts of a split: where they all agree
+            parts = {self._axes_of(part) for part in shape}
+            return parts.pop() if len(parts) == 1 else None
+        return self._axes_of(shape)
+
+    def _axes_of(self, shape) -> tuple[int, int] | None:
         found = []
         for size in (self.batch, self.seq):
             hits = [i for i, s in enumerate(shape) if same(s, size)]
             if len(hits) != 1:
-                return None
+                return self._merged(shape) if not hits else None
             found.append(hits[0])
         return found[0], found[1]
+
+    def _merged(self, shape) -> tuple[int, int] | None:
+        hits = [i for i, s in enumerate(shape) if same(s, self.batch * self.seq)]
+        if len(hits) != 1 or any(same(s, self.batch) or same(s, self.seq) for s in shape):
+            return None
+        return hits[0], hits[0]
 
 
 def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region | str:
@@ -188,14 +202,16 @@ def _fits(gm, node, region: Region) -> str | None:
     outside_tokens = [a for a in node.all_input_nodes if a not in region.nodes and _carries_tokens(a, region)]
     if kind == "attention":
         return _attention_fits(gm, node, region)
-    if not inside and not (kind == "embedding" and outside_tokens) and not (kind == "pointwise" and
-                                                                           outside_tokens):
+    entering = kind in ("embedding", "pointwise", "last_dim") and outside_tokens  # packed as it enters the region
+    if not inside and not entering:
         return "no operand runs on packed tokens"
     first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if kind in ("last_dim", "matmul"):
-        if first not in region.nodes:
+        first = _data_operand(gm, node)
+        if first not in region.nodes and not (kind == "last_dim" and outside_tokens == [first] and not inside and
+                                              _alignable(first, node, region)):
             return "its input does not run on packed tokens"
-        if len(inside) > 1 or outside_tokens:
+        if len(inside) + len(outside_tokens) > 1:
             return "it mixes two values with token axes"
         rank = len(sym(first))
         return "it works over the sequence axis" if rank - 1 in region.axes(first) or out != region.axes(first) \
@@ -211,6 +227,9 @@ def _fits(gm, node, region: Region) -> str | None:
         ids = node.args[0]
         return None if ids in region.nodes or _alignable(ids, node, region, drop_last=True) else \
             "its token ids do not run on packed tokens"
+    if kind == "join" and _only_part(node) is not None:  # a cat with empty tensors (an empty KV cache): itself
+        part = _only_part(node)
+        return None if part in region.nodes and region.axes(part) == out else "its input does not run on packed tokens"
     if kind == "join":
         first = _join_inputs(node)[0]
     if kind == "view" and _name(node) in ("view_as", "reshape_as"):
@@ -220,8 +239,12 @@ def _fits(gm, node, region: Region) -> str | None:
     if kind == "view":
         return None if _segments(sym(first), region.axes(first), sym(node), out) else \
             "it reshapes across the batch or sequence axis"
+    if _is_merged(out) or _is_merged(region.axes(first)):
+        return "it moves a merged batch·sequence axis"  # layout ops, splits, joins and indexing keep them apart
     if kind == "getitem":
         return _getitem_fits(node, region)
+    if kind == "split" and any(u not in region.nodes for u in node.users):
+        return "its parts are read outside the region"  # a tuple of packed values cannot be padded again
     if kind in ("layout", "split"):
         return _dims_fit(node, region)
     if kind == "join":
@@ -255,14 +278,21 @@ def _last_dim_only(node) -> str | None:
 
 
 def _getitem_fits(node, region: Region) -> str | None:
+    if _is_parts(node.args[0]):
+        return None if isinstance(node.args[1], int) else "it indexes a split with a computed index"
     index = _full_index(node.args[1], len(sym(node.args[0])))
     if index is None:
         return "it indexes with tensors or several ellipses"
     b, s = region.axes(node.args[0])
     consumed = [i for i in index if i is not None]
-    if consumed[b] != slice(None) or consumed[s] != slice(None):
+    if not _whole(consumed[b]) or not _whole(consumed[s]):
         return "it indexes the batch or sequence axis"
     return None
+
+
+def _whole(index) -> bool:
+    """An index that takes a whole axis: ``:``, ``0:``, ``::1``."""
+    return isinstance(index, slice) and index.start in (None, 0) and index.stop is None and index.step in (None, 1)
 
 
 def _dims_fit(node, region: Region) -> str | None:
@@ -285,6 +315,10 @@ def _prune_padded_reads(gm, region: Region) -> bool:
         if not outside:
             continue
         axes = region.axes(node)
+        if axes is None:  # an attention's output whose sizes do not name the token axes: what reads it is unknown
+            region.nodes.discard(node)
+            region.why_not[node] = "its output's batch and sequence axes cannot be told apart"
+            return True
         reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes, gathers=True)
         picking = set().union(*(_ancestors_in(index, region.nodes) for pair in reads.gathers for index in pair))
         if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
@@ -332,12 +366,14 @@ def _padded_cone(gm, node, region: Region) -> set:
 
 
 def _prune_reentry(region: Region) -> bool:
-    """A region runs as one call: no path may leave it and come back. Drop what such a path reaches."""
+    """A region runs as one call: no path may leave it and come back. Drop what such a path reaches. Size
+    queries of its values, and arithmetic on them, join it at the end (`_add_size_queries`): no path leaves there."""
+    inside = region.nodes | _size_computations(region)
     later = set()
-    for node in region.nodes:
+    for node in inside:
         for user in node.users:
-            if user not in region.nodes:
-                later |= _downstream_outside(user, region)
+            if user not in inside:
+                later |= _downstream_outside(user, inside)
     reentered = {n for n in region.nodes if any(a in later for a in n.all_input_nodes)}
     if not reentered:
         return False
@@ -347,11 +383,11 @@ def _prune_reentry(region: Region) -> bool:
     return True
 
 
-def _downstream_outside(node, region: Region) -> set:
+def _downstream_outside(node, inside: set) -> set:
     found, frontier = set(), [node]
     while frontier:
         n = frontier.pop()
-        if n in found or n in region.nodes:
+        if n in found or n in inside:
             continue
         found.add(n)
         frontier.extend(n.users)
@@ -360,19 +396,26 @@ def _downstream_outside(node, region: Region) -> set:
 
 def _add_size_queries(region: Region) -> None:
     """Size queries of region values, and arithmetic on them that only the region reads: computed inside."""
+    region.nodes |= _size_computations(region)
+
+
+def _size_computations(region: Region) -> set:
+    """The size queries of region values and the arithmetic on them that only the region reads."""
+    nodes = set(region.nodes)
     changed = True
     while changed:
         changed = False
-        for node in list(region.nodes):
+        for node in list(nodes):
             for user in node.users:
-                if user in region.nodes or _is_tensor(user):
+                if user in nodes or _is_tensor(user):
                     continue
                 if is_size_query(user) or (user.op == "call_function" and all(
-                        a in region.nodes or not _is_tensor(a) and a.op != "placeholder"
-                        for a in user.all_input_nodes) and all(u in region.nodes or not _is_tensor(u)
+                        a in nodes or not _is_tensor(a) and a.op != "placeholder"
+                        for a in user.all_input_nodes) and all(u in nodes or not _is_tensor(u)
                                                                 for u in user.users)):
-                    region.nodes.add(user)
+                    nodes.add(user)
                     changed = True
+    return nodes - region.nodes
 
 
 # --- the packed graph ------------------------------------------------------------------------------------
@@ -410,6 +453,8 @@ class _Builder:
         self.graph = torch.fx.Graph()
         self.inputs: list = []
         self.env: dict = {}  # region node -> its packed value; outside node -> its placeholder
+        self.values = ValueKeys(gm.graph)
+        self.same: dict = {}  # an outside value's key -> the placeholder read for it
         self.packed_operands: dict = {}  # (outside node, b axis, s axis) -> its packed form
         self.tokens = None
 
@@ -448,16 +493,20 @@ class _Builder:
         return Packed(module, self.inputs, outputs)
 
     def _input(self, node):
+        """A placeholder for each outside value; values computed alike (a mask each layer builds again) are read
+        from the first one, so the packed graph hands its attentions one tensor, and what they derive from it
+        per call is derived once."""
         if node not in self.env:
-            self.env[node] = self.graph.placeholder(f"in_{node.name}")
-            self.env[node].meta = dict(node.meta)
+            placeholder = self.graph.placeholder(f"in_{node.name}")
+            placeholder.meta = dict(node.meta)
+            self.env[node] = self.same.setdefault(self.values.key(node), placeholder)
             self.inputs.append(node)
 
     def _grid_sizes(self, nodes):
         """The batch and sequence sizes at run time, read off a value entering the region with both axes."""
         for node in self.inputs:
             axes = self.region.axes(node) if _is_tensor(node) else None
-            if axes is not None:
+            if axes is not None and not _is_merged(axes):
                 size = self.graph.call_method("size", (self.env[node],))
                 return (self.graph.call_function(operator.getitem, (size, axes[0])),
                         self.graph.call_function(operator.getitem, (size, axes[1])))
@@ -465,13 +514,19 @@ class _Builder:
 
     # -- one node ----------------------------------------------------------------------------------------
     def _translate(self, node, attention):
+        kind = _kind(self.gm, node)
+        if kind == "split":
+            return self._with_dims(node)
+        if kind == "getitem" and _is_parts(node.args[0]):
+            return self.graph.call_function(operator.getitem, (self.env[node.args[0]], node.args[1]))
         if not _is_tensor(node) and node not in self.region.attentions:
             return self._python(node)
-        kind = _kind(self.gm, node)
         if kind == "attention":
             return self._attention(node, attention)
         if kind == "view":
             return self._view(node)
+        if kind == "join" and _only_part(node) is not None:
+            return self.env[_only_part(node)]
         if kind in ("layout", "split", "join"):
             return self._with_dims(node)
         if kind == "getitem":
@@ -479,12 +534,14 @@ class _Builder:
             b, s = self.region.axes(node.args[0])
             dims = itertools.accumulate((i is not None for i in index), initial=0)  # input axis of each entry
             kept = tuple(i for d, i in zip(dims, index) if i is None or d not in (b, s))
+            kept = torch.fx.node.map_arg(kept, lambda a: self.env[a])  # sizes in slices: ``qkv[..., e:2 * e]``
             return self.graph.call_function(operator.getitem, (self.env[node.args[0]], (slice(None),) + kept))
         if kind == "embedding":  # the token ids are packed, the table is read as it is
             ids = node.args[0]
             return self._copy(node, lambda a: self._operand(a, node, drop_last=True) if a is ids else self.env[a])
-        if kind in ("last_dim", "matmul"):  # weights, biases, eps: read as they are
-            new = self._copy(node, lambda a: self.env[a])
+        if kind in ("last_dim", "matmul"):  # weights, biases, eps: read as they are; an input from outside, packed
+            first = _data_operand(self.gm, node)
+            new = self._copy(node, lambda a: self._operand(a, node) if a is first else self.env[a])
             if kind == "last_dim":
                 new.args, new.kwargs = self._last_dim_args(node, new)
             return new
@@ -544,7 +601,7 @@ class _Builder:
             raise _NoPackedForm(f"operand {a.name} has more axes than the result")
         if same(padded[b], 1) and same(padded[s], 1):
             lead = rank - len(shape)
-            squeeze = [d - lead for d in (b, s) if d >= lead]
+            squeeze = sorted({d - lead for d in (b, s) if d >= lead})
             if not squeeze:
                 return self.env[a]
             return self.graph.call_function(_drop_axes, (self.env[a], tuple(squeeze)))
@@ -665,8 +722,9 @@ def _translate_dims(node, region: Region):
 
 def _segments(shape_in, axes_in, shape_out, axes_out) -> bool:
     """A reshape that keeps the token axes, in the same order, and reshapes only the axes before, between and
-    after them, each group into one of the same size: on packed tokens it is a reshape of the other axes."""
-    if axes_in is None or axes_out is None or (axes_in[0] < axes_in[1]) != (axes_out[0] < axes_out[1]):
+    after them, each group into one of the same size: on packed tokens it is a reshape of the other axes. It may
+    merge the two token axes into one (batch outer, nothing between them) or split such an axis."""
+    if axes_in is None or axes_out is None or (axes_in[0] <= axes_in[1]) != (axes_out[0] <= axes_out[1]):
         return False
 
     def groups(shape, axes):
@@ -680,6 +738,39 @@ def _segments(shape_in, axes_in, shape_out, axes_out) -> bool:
         return out
 
     return all(same(product(a), product(b)) for a, b in zip(groups(shape_in, axes_in), groups(shape_out, axes_out)))
+
+
+def _only_part(node):
+    """The one input of a ``cat`` whose other inputs are empty along its dim for every admitted size, or None."""
+    if _name(node) not in ("cat", "concat", "concatenate"):
+        return None
+    parts = _join_inputs(node)
+    rank = len(sym(node)) if isinstance(sym(node), tuple) else 0
+    dim = _arg(node, 1, "dim", 0)
+    if not rank or not isinstance(dim, int):
+        return None
+    def empty(a):  # cat skips a 1-d empty tensor whatever the others' rank (``torch.tensor([])``)
+        shape = sym(a) if isinstance(a, torch.fx.Node) else None
+        return isinstance(shape, tuple) and (shape == (0,) or len(shape) == rank and same(shape[dim % rank], 0))
+
+    live = [a for a in parts if not empty(a)]
+    return live[0] if len(live) == 1 and isinstance(live[0], torch.fx.Node) else None
+
+
+def _is_parts(node) -> bool:
+    """A split's value: a tuple of tensors."""
+    value = node.meta.get("fxbt_val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, TensorInfo) for v in value)
+
+
+def _is_merged(axes) -> bool:
+    return axes is not None and axes[0] == axes[1]
+
+
+def _data_operand(gm, node):
+    """The tensor a linear-like node computes over (addmm's is its second argument)."""
+    first = canonical_op(node, gm).operands[0] if node.op != "call_module" else None
+    return first if isinstance(first, torch.fx.Node) else node.args[0] if node.args else None
 
 
 def _kind_name(name) -> str:
@@ -755,6 +846,8 @@ def _alignable(operand, node, region: Region, drop_last=False) -> bool:
         return False
     padded = (1,) * (rank - len(shape)) + tuple(shape)
     b, s = axes
+    if b == s:  # a merged axis: its order is known inside the region only
+        return same(padded[b], 1) and not any(same(x, region.batch) or same(x, region.seq) for x in padded)
     ok_b = same(padded[b], 1) or same(padded[b], region.batch)
     ok_s = same(padded[s], 1) or same(padded[s], region.seq)
     others = [padded[d] for d in range(rank) if d not in (b, s)]

@@ -24,7 +24,6 @@ from typing import Any
 import sympy
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch.utils._sympy.functions import FloorDiv
 
 from .meta import TensorInfo

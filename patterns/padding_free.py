@@ -67,6 +67,9 @@ def padding_free(inputs, *, graph, key_readers=(), key_padding=None):  # the las
 def _real_at(tokens: Tokens, axes, rank: int) -> torch.Tensor:
     """``keep`` shaped to broadcast against an output with its token axes at ``axes``."""
     shape = [1] * rank
+    if axes[0] == axes[1]:  # one merged batch·sequence axis
+        shape[axes[0]] = tokens.batch * tokens.seq
+        return tokens.keep.reshape(shape)
     shape[axes[0]], shape[axes[1]] = tokens.batch, tokens.seq
     keep = tokens.keep if axes[0] < axes[1] else tokens.keep.t()
     return keep.reshape(shape)
@@ -144,9 +147,29 @@ def _mask_of(region, kwargs, scores_shape):
     return mask_from(program, kwargs.get(slot, ()) if program is not None else (kwargs[slot],), scores_shape)
 
 
-def _attention_spec(region, args, scores_shape) -> _Spec:
+def _shared_mask(tokens: Tokens, region, kwargs, scores_shape):
+    """The attention's mask over the padded grid; attentions building theirs by the same program from the same
+    tensors share one within a call (T5's layers all add the first layer's position bias), and so share its
+    restriction to the real tokens (`_restricted_masks`)."""
+    program, slot = _mask_source(region)
+    terms = kwargs.get(slot, ()) if program is not None else (kwargs[slot],)
+    key = ("built", _hashable(program), tuple(map(_hashable, terms)), tuple(scores_shape))
+    if key not in tokens.cache:
+        tokens.cache[key] = (terms, mask_from(program, terms, scores_shape))  # the terms live as long as their ids
+    return tokens.cache[key][1]
+
+
+def _hashable(value):
+    """``value`` itself where it is a plain constant, its identity otherwise (a tensor)."""
+    try:
+        return value if not isinstance(value, torch.Tensor) and hash(value) is not None else id(value)
+    except TypeError:
+        return id(value)
+
+
+def _attention_spec(tokens: Tokens, region, args, scores_shape) -> _Spec:
     kwargs = _arguments(region, args)
-    mask, p = _mask_of(region, kwargs, scores_shape), region.params
+    mask, p = _shared_mask(tokens, region, kwargs, scores_shape), region.params
     scale = p["scale"]
     if region.replacement is sdpa_attention:
         for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):
@@ -161,7 +184,7 @@ def _attention_spec(region, args, scores_shape) -> _Spec:
 def per_sequence_attention(tokens: Tokens, region, args):
     """One attention region on packed q, k, v ([T, heads, head dim]): each sequence on its real tokens."""
     q, k, v = (slot_value(region.slots[n], args) for n in ("q", "k", "v"))
-    spec = _attention_spec(region, args, (tokens.batch, q.shape[1], tokens.seq, tokens.seq))
+    spec = _attention_spec(tokens, region, args, (tokens.batch, q.shape[1], tokens.seq, tokens.seq))
     masks = _restricted_masks(tokens, spec)
     outs = []
     for (start, n), (mask, causal) in zip(zip(tokens.offsets(), tokens.lengths()), masks):

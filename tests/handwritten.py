@@ -378,3 +378,50 @@ class PickedPooler(nn.Module):
         h = self.stack(x, mask)
         rows = torch.arange(h.shape[0], device=h.device)
         return h, h[rows, pick if self.kind == "given" else self.score(h)[..., 0].argmax(-1)]
+
+
+class MergedTokensBlock(nn.Module):
+    """GPT-2's Conv1D and OPT's feed-forward: the projections run on [batch·sequence, features] (``view(-1, e)``,
+    ``addmm``), Q, K and V taken apart with ``split``. Near-miss twin ``sequence_outer``: the tokens are merged
+    sequence-major ([sequence·batch, features]); the feed-forward then runs on the same rows, but the
+    merged axis is not batch-outer, so it stays out of a packed region (on packed tokens it would mean other rows)."""
+
+    def __init__(self, order="batch_outer"):
+        super().__init__()
+        self.order = order
+        self.qkv_w, self.qkv_b = nn.Parameter(torch.randn(DIM, 3 * DIM) * 0.1), nn.Parameter(torch.zeros(3 * DIM))
+        self.o = nn.Linear(DIM, DIM)
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.up, self.down = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
+
+    def forward(self, x, bias):
+        b, s, e = x.shape
+        qkv = torch.addmm(self.qkv_b, self.norm1(x).view(-1, e), self.qkv_w).view(b, s, 3 * e)
+        q, k, v = (t.view(b, s, HEADS, -1).transpose(1, 2) for t in qkv.split(e, dim=2))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x + self.o(out.transpose(1, 2).reshape(b, s, e))
+        if self.order == "batch_outer":
+            rows = self.norm2(x).reshape(-1, e)
+            return x + self.down(F.gelu(self.up(rows))).view(b, s, e)
+        rows = self.norm2(x).transpose(0, 1).reshape(-1, e)
+        return x + self.down(F.gelu(self.up(rows))).view(s, b, e).transpose(0, 1)
+
+
+class InPlaceMasked(nn.Module):
+    """XLM's attention: the scores masked in place, the mask broadcast with ``expand_as(scores)``, softmax reading
+    ``scores`` by its old name. Near-miss twin ``view_first``: a view of the scores taken before the write is what
+    softmax reads (it sees the write through the shared memory), so the write must stay in place."""
+
+    def __init__(self, kind="plain"):
+        super().__init__()
+        self.kind = kind
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM) for _ in range(3))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, HEADS, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / (DIM // HEADS) ** 0.5
+        seen = scores.view(b * HEADS, s, s) if self.kind == "view_first" else scores
+        scores.masked_fill_((mask == 0)[:, None, None, :].expand_as(scores), torch.finfo(scores.dtype).min)
+        weights = torch.softmax(seen.float(), dim=-1).type_as(scores).view(b, HEADS, s, s)
+        return (weights @ v).transpose(1, 2).reshape(b, s, DIM)

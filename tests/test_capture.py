@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import fxbt
 import zoo
-from conftest import max_error, reference
+from conftest import reference
 from test_encoder import real_token_error
 
 

@@ -185,3 +185,44 @@ def test_region_falls_back_to_the_original_when_its_rule_says_so():
     assert torch.equal(gm(torch.ones(3)), torch.full((3,), 3.0)) and region.last_path == "replacement"
     assert torch.equal(gm(-torch.ones(3)), torch.ones(3)) and region.last_path == "negative input"
     assert calls == ["replacement"]
+
+
+class _MaskPerLayer(nn.Module):
+    """A mask built again for each of two layers, as T5 builds its biased mask; ``write`` puts an in-place op
+    (or a module fxbt cannot see into) between the two."""
+
+    def __init__(self, write=None):
+        super().__init__()
+        self.write = write
+        self.opaque = _Opaque()
+
+    def forward(self, x, keep):
+        first = torch.where(keep, x, -1.0).contiguous()
+        if self.write == "in_place":
+            x.add_(1.0)
+        elif self.write == "module":
+            self.opaque(x)
+        second = torch.where(keep, x, -1.0).contiguous()
+        third = torch.where(keep, x, -2.0).contiguous()
+        return first, second, third
+
+
+class _Opaque(nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("write", [None, "in_place", "module"])
+def test_values_computed_alike_share_a_key_only_where_nothing_writes_between(write):
+    from fxbt.values import ValueKeys
+
+    class KeepOpaque(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, _Opaque) or super().is_leaf_module(m, name)
+
+    model = _MaskPerLayer(write)
+    gm = torch.fx.GraphModule(model, KeepOpaque().trace(model))
+    first, second, third = [n for n in gm.graph.nodes if n.target == "contiguous"]
+    keys = ValueKeys(gm.graph)
+    assert (keys.key(first) == keys.key(second)) is (write is None)
+    assert keys.key(second) != keys.key(third)  # near-miss: another fill value

@@ -20,7 +20,8 @@ PASS = ["softmax_attention", "existing_sdpa", "padding_free"]
 # frontend records concrete sizes: its graphs are not made padding-free yet)
 DYNAMO = {"frontend": "dynamo"}
 STACKS = [("bert", "eager", False), ("bert", "sdpa", True), ("distilbert", "eager", True), ("albert", "eager", False),
-          ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "eager", True), ("clip-text", "eager", False)]
+          ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "eager", True), ("clip-text", "eager", False),
+          ("gpt2", "sdpa", True), ("opt", "eager", False), ("xlm", "eager", False)]
 
 
 def _padding_free(opt):
@@ -54,7 +55,7 @@ def test_a_call_without_padding_runs_the_original():
     assert region.last_path == "no token is padding in this call"
 
 
-@pytest.mark.parametrize("name,attn", [("bert", "sdpa"), ("llama", "sdpa"), ("t5", "sdpa")])
+@pytest.mark.parametrize("name,attn", [("bert", "sdpa"), ("llama", "sdpa"), ("t5", "eager")])
 def test_an_example_without_padding_still_makes_the_stack_padding_free(name, attn):
     """The example users have at hand: one sentence, nothing padded. Verification runs the packed path on every
     token; padded batches later are served by it."""
@@ -117,6 +118,28 @@ def test_hand_written_stacks_with_pooler_and_biases(model):
             diff = diff * mask[..., None]
         assert diff.max().item() < TOL
     assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+
+
+@pytest.mark.parametrize("order", ["batch_outer", "sequence_outer"])
+def test_linears_over_merged_batch_and_sequence_axes(order):
+    """[batch·sequence, features] rows, batch outer (GPT-2, OPT), are packed tokens too; the near-miss twin merges
+    them sequence outer, which reads the stack's output across positions as far as fxbt can tell: kept padded."""
+    model = handwritten.Stack(lambda: handwritten.MergedTokensBlock(order), layers=2).eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS, **DYNAMO)
+    report = fxbt.report(opt)
+    if order == "batch_outer":
+        (row,) = report.rewritten("padding_free")
+        assert "2 attentions" in row.reason, str(report)
+        inside = {n.meta.get("fxbt_packed_from") for n in _padding_free(opt)[0].packed.graph.nodes}
+        assert {"addmm", "addmm_1"} <= inside, str(report)
+    else:
+        assert not report.rewritten("padding_free")
+        assert all("mixes positions" in r.reason for r in report.rejected("padding_free")), str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    mask[2, :5] = 0
+    with torch.no_grad():
+        assert ((model(x, mask) - opt(x, mask)).abs() * mask[..., None]).max().item() < TOL
+    assert [r.last_path for r in _padding_free(opt)] == (["replacement"] if order == "batch_outer" else [])
 
 
 @pytest.mark.parametrize("patterns", [PASS, None], ids=["padding_free", "encoder_template"])

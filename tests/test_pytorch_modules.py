@@ -49,6 +49,16 @@ def original(model, *args, **kwargs):
         return model(*args, **kwargs)
 
 
+def style_row(record, style, gm, errors) -> None:
+    """A row of the README's "not from transformers" table (tests/model_table.py)."""
+    import transformers
+
+    report = fxbt.report(gm)
+    record({"style": style, "transformers": transformers.__version__, "frontend": report.frontend,
+            "sdpa": len(report.rewritten("sdpa")), "fused": len(report.rewritten("fused_encoder")),
+            "padding_free": len(report.rewritten("padding_free")), "max_err": max(errors)})
+
+
 def rows(gm, kernel, status="rewritten"):
     report = fxbt.report(gm)
     return report.rewritten(kernel) if status == "rewritten" else report.rejected(kernel)
@@ -66,19 +76,23 @@ def encoder(batch_first, norm_first, layers=2, activation="relu"):
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
-def test_transformer_encoder_blocks_are_fused_with_padding_removed(batch_first, norm_first):
+def test_transformer_encoder_blocks_are_fused_with_padding_removed(batch_first, norm_first, record_model_row):
     model = encoder(batch_first, norm_first)
     example = {"src": tokens(2, 5, batch_first), "src_key_padding_mask": padding(2, 5)}
     gm = fxbt.optimize(model, example, inplace=False)
     report = fxbt.report(gm)
     assert len(report.rewritten("sdpa")) == 2 and len(report.rewritten("fused_encoder")) == 2, str(report)
     assert all(r.params["spec"].seq_first is not batch_first for _, r in regions(gm) if r.kernel == "fused_encoder")
+    errors = []
     for batch, seq in [(3, 7), (1, 4)]:
         x, pad = tokens(batch, seq, batch_first, seed=seq), padding(batch, seq, seed=seq)
         with torch.no_grad():
-            assert real_error(model(x, src_key_padding_mask=pad), gm(x, src_key_padding_mask=pad), pad,
-                              batch_first) < TOL
+            errors.append(real_error(model(x, src_key_padding_mask=pad), gm(x, src_key_padding_mask=pad), pad,
+                                     batch_first))
+        assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(x, src_key_padding_mask=pad), original(model, x, src_key_padding_mask=pad))
+    layout = f"{'batch_first' if batch_first else 'sequence first'}, {'pre' if norm_first else 'post'}-norm"
+    style_row(record_model_row, f"nn.TransformerEncoder ({layout}, key padding mask)", gm, errors)
 
 
 def test_a_single_encoder_layer_without_mask_is_fused():
@@ -134,18 +148,21 @@ MHA_CASES = {
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 @pytest.mark.parametrize("case", sorted(MHA_CASES))
-def test_multihead_attention_becomes_sdpa(case, batch_first):
+def test_multihead_attention_becomes_sdpa(case, batch_first, record_model_row):
     torch.manual_seed(0)
     options, masks = MHA_CASES[case]
     model = SelfAttention(batch_first, **options).eval()
     gm = fxbt.optimize(model, {"x": tokens(2, 5, batch_first), **masks(2, 5)}, inplace=False)
     assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
+    errors = []
     for batch, seq in [(3, 6), (1, 3)]:
         x, extra = tokens(batch, seq, batch_first, seed=seq), masks(batch, seq)
         with torch.no_grad():
-            want = model(x, **extra)
-            assert real_error(want, gm(x, **extra)) < TOL
+            errors.append(real_error(model(x, **extra), gm(x, **extra)))
+        assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(x, **extra), original(model, x, **extra))
+    layout = "batch_first" if batch_first else "sequence first"
+    style_row(record_model_row, f"nn.MultiheadAttention ({case.replace('_', ' ')}, {layout})", gm, errors)
 
 
 def test_multihead_attention_whose_weights_are_used_is_kept_with_the_reason():
@@ -164,7 +181,7 @@ def test_multihead_attention_whose_weights_are_used_is_kept_with_the_reason():
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
-def test_transformer_encoder_decoder_with_causal_target_mask(batch_first):
+def test_transformer_encoder_decoder_with_causal_target_mask(batch_first, record_model_row):
     torch.manual_seed(0)
     model = nn.Transformer(E, H, 1, 1, FF, batch_first=batch_first).eval()
     src, tgt = tokens(2, 6, batch_first), tokens(2, 4, batch_first, seed=1)
@@ -175,13 +192,17 @@ def test_transformer_encoder_decoder_with_causal_target_mask(batch_first):
     gm = fxbt.optimize(model, example, inplace=False)
     report = fxbt.report(gm)
     assert len(report.rewritten("sdpa")) == 3, str(report)  # encoder self, decoder self (causal), cross
+    errors = []
     for batch, (s, t) in [(3, (7, 5)), (1, (3, 2))]:
         src, tgt = tokens(batch, s, batch_first, seed=s), tokens(batch, t, batch_first, seed=t)
         call = {"tgt_mask": nn.Transformer.generate_square_subsequent_mask(t), "tgt_is_causal": True,
                 "src_key_padding_mask": padding(batch, s, seed=s), "memory_key_padding_mask": padding(batch, s, seed=s)}
         with torch.no_grad():
-            assert real_error(model(src, tgt, **call), gm(src, tgt, **call)) < TOL
+            errors.append(real_error(model(src, tgt, **call), gm(src, tgt, **call)))
+        assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(src, tgt, **call), original(model, src, tgt, **call))
+    layout = "batch_first" if batch_first else "sequence first"
+    style_row(record_model_row, f"nn.Transformer ({layout}, causal target mask, padding masks)", gm, errors)
 
 
 # --- other libraries' styles, in plain PyTorch -----------------------------------------------------
@@ -266,7 +287,7 @@ class TimmViT(nn.Module):
 
 
 @pytest.mark.parametrize("vit", [TorchvisionViT, TimmViT], ids=["torchvision", "timm"])
-def test_vision_transformer_blocks_are_fused(vit):
+def test_vision_transformer_blocks_are_fused(vit, record_model_row):
     torch.manual_seed(0)
     model = vit().eval()
     gm = fxbt.optimize(model, (torch.randn(2, 3, 8, 8),), inplace=False)
@@ -274,8 +295,10 @@ def test_vision_transformer_blocks_are_fused(vit):
     assert len(report.rewritten("fused_encoder")) == 2 and len(report.rewritten("sdpa")) == 2, str(report)
     images = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
-        assert real_error(model(images), gm(images)) < TOL
+        error = real_error(model(images), gm(images))
+    assert error < TOL
     assert identical(fxbt.unroll(gm)(images), original(model, images))
+    style_row(record_model_row, f"{'torchvision' if vit is TorchvisionViT else 'timm'}-style ViT", gm, [error])
 
 
 class OpenClipResidualAttentionBlock(nn.Module):
@@ -315,7 +338,7 @@ class OpenClipTextTower(nn.Module):
         return x[torch.arange(x.shape[0]), text.argmax(dim=-1)]  # the end-of-text token's features
 
 
-def test_open_clip_text_tower_attention_is_sdpa():
+def test_open_clip_text_tower_attention_is_sdpa(record_model_row):
     torch.manual_seed(0)
     model = OpenClipTextTower().eval()
     gm = fxbt.optimize(model, (torch.randint(0, 50, (2, 6)),), inplace=False)
@@ -324,8 +347,10 @@ def test_open_clip_text_tower_attention_is_sdpa():
     assert not report.rewritten("fused_encoder") and len(report.rejected("fused_encoder")) == 2, str(report)
     text = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert real_error(model(text), gm(text)) < TOL
+        error = real_error(model(text), gm(text))
+    assert error < TOL
     assert identical(fxbt.unroll(gm)(text), original(model, text))
+    style_row(record_model_row, "open_clip-style text tower (causal float mask)", gm, [error])
 
 
 class XTransformersAttention(nn.Module):
@@ -350,21 +375,24 @@ class XTransformersAttention(nn.Module):
         return x + self.ff(x)
 
 
-def _matches_at_other_sizes(model, gm):
+def _matches_at_other_sizes(model, gm) -> list:
     """Real tokens equal at other batch and sequence sizes (padded), and unroll gives the original back."""
+    errors = []
     for batch, seq in [(3, 7), (1, 2)]:
         x, keep = tokens(batch, seq, seed=seq), ~padding(batch, seq, seed=seq)
         with torch.no_grad():
-            assert real_error(model(x, keep), gm(x, keep)) < TOL
+            errors.append(real_error(model(x, keep), gm(x, keep), ~keep))
+        assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(x, keep), original(model, x, keep))
+    return errors
 
 
-def test_x_transformers_like_block_attention_is_sdpa():
+def test_x_transformers_like_block_attention_is_sdpa(record_model_row):
     torch.manual_seed(0)
     model = XTransformersAttention().eval()
     gm = fxbt.optimize(model, (tokens(2, 5), ~padding(2, 5)), inplace=False)
     assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
-    _matches_at_other_sizes(model, gm)
+    style_row(record_model_row, "x-transformers-like block (einsum, padding mask)", gm, _matches_at_other_sizes(model, gm))
 
 
 # --- multi-query and grouped-query attention, every way of sharing K/V heads ----------------------
@@ -397,7 +425,7 @@ class SharedKV(nn.Module):
 
 @pytest.mark.parametrize("form, kv, gqa", [("broadcast", 1, True), ("expand", 2, True), ("repeat_interleave", 2, True),
                                            ("expand", 1, True), ("tiled", 2, False)])
-def test_shared_key_value_heads_become_sdpa(form, kv, gqa):
+def test_shared_key_value_heads_become_sdpa(form, kv, gqa, record_model_row):
     """Every spelling of multi-query / grouped-query attention becomes SDPA; K/V heads go in unrepeated with
     enable_gqa where the sharing is SDPA's grouping, and the tiled near-miss (head i uses K/V head i % kv)
     keeps its repeated heads."""
@@ -407,7 +435,8 @@ def test_shared_key_value_heads_become_sdpa(form, kv, gqa):
     assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
     region = next(r for _, r in regions(gm) if r.kernel == "sdpa")
     assert region.params["gqa"] is gqa
-    _matches_at_other_sizes(model, gm)
+    style_row(record_model_row, f"{'multi' if kv == 1 else 'grouped'}-query attention ({form.replace('_', ' ')})", gm,
+              _matches_at_other_sizes(model, gm))
 
 
 # --- capture that says what blocks it --------------------------------------------------------------

@@ -348,8 +348,8 @@ def test_blocks_with_a_mask_that_is_not_key_padding_are_declined_with_the_reason
     why = "differs per head" if kind == "per_head" else "differs per query"
     assert all(why in r.reason for r in report.rejected("fused_encoder")), str(report)
     x, mask = hw.inputs(2, 10, seed=3)
-    with torch.no_grad():
-        assert max_error(model(x, mask), optimized(x, mask)) < TOL
+    with torch.no_grad():  # real tokens: the stack may run padding-free (zeros at padded positions)
+        assert ((model(x, mask) - optimized(x, mask)).abs() * mask[..., None]).max().item() < TOL
 
 
 def test_biogpt_causal_decoder_blocks_are_not_taken_for_encoder_blocks():
@@ -403,7 +403,8 @@ def test_optimize_from_several_threads_at_once():
     assert not errors, errors
     x, mask = hw.inputs(3, 9, seed=2)
     with torch.no_grad():
-        assert all(max_error(m(x, mask), r(x, mask)) < TOL for m, r in zip(models, results))
+        assert all(((m(x, mask) - r(x, mask)).abs() * mask[..., None]).max().item() < TOL  # real tokens
+                   for m, r in zip(models, results))
 
 
 def test_registering_patterns_and_fx_capture_leave_other_threads_forwards_alone():

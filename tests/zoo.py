@@ -110,6 +110,9 @@ SPECS = {
         Spec("opt", "opt", dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS, ffn_dim=FF,
                                 word_embed_proj_dim=H, **_DEC), "text_causal", L),
         Spec("bloom", "bloom", dict(hidden_size=H, n_layer=L, n_head=HEADS, vocab_size=VOCAB), "text_causal", L),
+        # masks its scores in place (``scores.masked_fill_(mask.expand_as(scores), min)``), concatenates an empty cache
+        Spec("xlm", "xlm", dict(emb_dim=H, n_layers=L, n_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=64),
+             "text", L),
         Spec("bart", "bart", _SEQ2SEQ, "seq2seq", 3 * L),
         Spec("t5", "t5", dict(d_model=H, d_kv=8, d_ff=FF, num_layers=L, num_heads=HEADS, vocab_size=VOCAB), "seq2seq", 3 * L),
         Spec("llama", "llama", _LLAMA, "text_causal", L),
