@@ -292,10 +292,7 @@ def multi_head_attention_forward(a: dict, facts: _Facts):
                    F.linear(value, a["v_proj_weight"], b_v))
     if attn_mask is not None and mask_rank == 2:
         attn_mask = attn_mask.unsqueeze(0)
-    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
-    k = k.view(k.size(0), bsz * num_heads, head_dim).transpose(0, 1)
-    v = v.view(v.size(0), bsz * num_heads, head_dim).transpose(0, 1)
-    src_len = k.size(1)
+    src_len = k.size(0)
     if key_padding_mask is not None:
         key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
                             .reshape(bsz * num_heads, 1, src_len))
@@ -303,19 +300,19 @@ def multi_head_attention_forward(a: dict, facts: _Facts):
         mask_rank = 3
     dropout_p = a["dropout_p"] if a["training"] else 0.0
     if need_weights:
+        q, k, v = (x.view(x.size(0), bsz * num_heads, head_dim).transpose(0, 1) for x in (q, k, v))
         return _explicit_attention(q, k, v, attn_mask, dropout_p, head_dim, tgt_len, bsz, src_len, embed_dim,
                                    num_heads, a, is_batched)
     if attn_mask is not None:
         # torch: (1, L, S) masks are unsqueezed, others viewed as (bsz, heads, -1, S); equal values either way
         unsqueezed = mask_rank == 2 and a["key_padding_mask"] is None
         attn_mask = attn_mask.unsqueeze(0) if unsqueezed else attn_mask.view(bsz, num_heads, -1, src_len)
-    q = q.view(bsz, num_heads, tgt_len, head_dim)
-    k = k.view(bsz, num_heads, src_len, head_dim)
-    v = v.view(bsz, num_heads, src_len, head_dim)
+    # [L, bsz, E] -> [bsz, heads, L, head_dim]: the very view torch reaches through [bsz·heads, L, head_dim], written
+    # with the batch and sequence axes apart (so a padding-free pass can follow them), the same on the way out
+    q, k, v = (x.view(x.size(0), bsz, num_heads, head_dim).permute(1, 2, 0, 3) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-    out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+    out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
     out = F.linear(out, a["out_proj_weight"], a["out_proj_bias"])
-    out = out.view(tgt_len, bsz, out.size(1))
     if not is_batched:
         out = out.squeeze(1)
     return out, None

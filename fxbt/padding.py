@@ -27,6 +27,7 @@ import torch.fx
 from . import packing
 from .canon import canonical_op
 from .meta import TensorInfo, is_size_query
+from .region import boundary, metadata_stand_in, reads_metadata_only
 from .shapes import same, sym
 from .tokens import POSITIONWISE, padded_reads
 from .values import ValueKeys
@@ -369,10 +370,11 @@ def _prune_reentry(region: Region) -> bool:
     """A region runs as one call: no path may leave it and come back. Drop what such a path reaches. Size
     queries of its values, and arithmetic on them, join it at the end (`_add_size_queries`): no path leaves there."""
     inside = region.nodes | _size_computations(region)
+    inputs = _inputs(region)
     later = set()
     for node in inside:
         for user in node.users:
-            if user not in inside:
+            if user not in inside and not _served_by_input(user, node, region, inputs):
                 later |= _downstream_outside(user, inside)
     reentered = {n for n in region.nodes if any(a in later for a in n.all_input_nodes)}
     if not reentered:
@@ -381,6 +383,16 @@ def _prune_reentry(region: Region) -> bool:
         region.nodes.discard(node)
         region.why_not[node] = "it reads a value computed from the region outside it"
     return True
+
+
+def _inputs(region: Region) -> list:
+    return boundary(region.nodes, next(iter(region.nodes)).graph) if region.nodes else []
+
+
+def _served_by_input(user, node, region: Region, inputs) -> bool:
+    """``user`` reads one size (or the dtype) of region node ``node`` that an input of the region has too."""
+    return node in region.nodes and reads_metadata_only(user, node) and \
+        metadata_stand_in(user, node, inputs) is not None
 
 
 def _downstream_outside(node, inside: set) -> set:
@@ -400,14 +412,16 @@ def _add_size_queries(region: Region) -> None:
 
 
 def _size_computations(region: Region) -> set:
-    """The size queries of region values and the arithmetic on them that only the region reads."""
+    """The size queries of region values and the arithmetic on them that only the region reads. A size an input
+    of the region also has stays outside: installing the region makes it read that input (`rewire`)."""
     nodes = set(region.nodes)
+    inputs = _inputs(region)
     changed = True
     while changed:
         changed = False
         for node in list(nodes):
             for user in node.users:
-                if user in nodes or _is_tensor(user):
+                if user in nodes or _is_tensor(user) or _served_by_input(user, node, region, inputs):
                     continue
                 if is_size_query(user) or (user.op == "call_function" and all(
                         a in nodes or not _is_tensor(a) and a.op != "placeholder"
@@ -477,7 +491,9 @@ class _Builder:
                                                               reads, gathers))
         for node in nodes:
             self.env[node] = self._translate(node, attention)
-        outputs = [n for n in nodes if any(u not in self.region.nodes for u in n.users)]
+        outputs = [n for n in nodes if any(u not in self.region.nodes and not _served_by_input(u, n, self.region,
+                                                                                              self.inputs)
+                                           for u in n.users)]  # a size read outside: read off an input instead
         values, axes = [], []
         for node in outputs:
             if _is_tensor(node):

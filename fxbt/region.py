@@ -195,13 +195,21 @@ def metadata_stand_ins(interior: set[torch.fx.Node], root, inputs: list[torch.fx
     for node in interior - (set(root) if isinstance(root, tuple) else {root}):
         for user in [u for u in node.users if u not in interior and reads_metadata_only(u, node)]:
             dim = _size_read(user, node)
-            stand_in = _same_size(node, dim, inputs) if dim is not None else next(
-                (i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), node.meta.get("fxbt_val"))), None)
+            stand_in = metadata_stand_in(user, node, inputs)
             if stand_in is None:
                 what = f"size {dim}" if dim is not None else user.args[1]
                 return f"{user.name} reads the {what} of {node.name} and no region input has the same"
             found[(user, node)] = stand_in
     return found
+
+
+def metadata_stand_in(user: torch.fx.Node, node: torch.fx.Node, inputs):
+    """For ``user`` reading ``node``'s dtype/device or one size (`reads_metadata_only`): an input with the same
+    dtype and device, or (input, dim) with the same size for every admitted size; None if none has."""
+    dim = _size_read(user, node)
+    if dim is not None:
+        return _same_size(node, dim, inputs)
+    return next((i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), node.meta.get("fxbt_val"))), None)
 
 
 def _same_size(node, dim, inputs):

@@ -102,7 +102,7 @@ def real_columns(mask, batch: int, seq: int) -> torch.Tensor | None:
     the mask says nothing about padding."""
     if mask is None:
         raise UseOriginal("the attention has no mask: no token is known to be padding")
-    masked = _masked(mask)
+    masked = _masked(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))  # [..., queries, keys] -> 4-d
     if masked.shape[-1] != seq:
         raise UseOriginal("the attention mask does not cover every key")
     keep = ~masked.all(-2).all(-2).expand(batch, seq)

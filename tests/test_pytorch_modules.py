@@ -154,11 +154,16 @@ def test_multihead_attention_becomes_sdpa(case, batch_first, record_model_row):
     model = SelfAttention(batch_first, **options).eval()
     gm = fxbt.optimize(model, {"x": tokens(2, 5, batch_first), **masks(2, 5)}, inplace=False)
     assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
+    # a mask given at the call, read by SDPA: the projections and the attention run on real tokens where it
+    # masks keys (near miss: weights asked for, computed by bmm over [batch·heads] rows)
+    assert len(rows(gm, "padding_free")) == (case != "need_weights_unused"), str(fxbt.report(gm))
     errors = []
     for batch, seq in [(3, 6), (1, 3)]:
         x, extra = tokens(batch, seq, batch_first, seed=seq), masks(batch, seq)
+        pad = extra.get("key_padding_mask")  # its padded positions: zeros where the attention runs padding-free
+        pad = None if pad is None else pad if pad.dtype == torch.bool else pad < 0
         with torch.no_grad():
-            errors.append(real_error(model(x, **extra), gm(x, **extra)))
+            errors.append(real_error(model(x, **extra), gm(x, **extra), pad, batch_first))
         assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(x, **extra), original(model, x, **extra))
     layout = "batch_first" if batch_first else "sequence first"
