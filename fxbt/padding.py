@@ -445,8 +445,8 @@ class Packed:
 
     graph: torch.fx.GraphModule
     inputs: list  # outside nodes, in the placeholders' order
-    outputs: list  # region nodes whose values leave the region, in the output tuple's order (their token axes,
-    # None for a Python value, are in ``graph.meta["output_axes"]``)
+    outputs: list  # region nodes whose values leave the region, in the output tuple's order
+    output_axes: tuple  # per output, its (batch, sequence) axes; None for a Python value
 
 
 def packed_graph(gm: torch.fx.GraphModule, region: Region, seed: torch.fx.Node, make_tokens: Callable,
@@ -505,8 +505,7 @@ class _Builder:
                 axes.append(None)
         self.graph.output(tuple(values) + (self.tokens,))
         module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
-        module.meta["output_axes"] = axes
-        return Packed(module, self.inputs, outputs)
+        return Packed(module, self.inputs, outputs, tuple(axes))
 
     def _input(self, node):
         """A placeholder for each outside value; values computed alike (a mask each layer builds again) are read

@@ -83,7 +83,7 @@ class Region(torch.nn.Module):
     def run_original(self, inputs):
         """The original subgraph on a call's inputs (a region may take more inputs than its original reads:
         those added for run-time checks come last)."""
-        count = sum(1 for n in self.original.graph.nodes if n.op == "placeholder")
+        count = len(inspect.signature(self.original.forward).parameters)  # also for an exported original
         return self.original(*map(materialize, inputs[:count]))
 
     def canonical_view(self, node: torch.fx.Node):

@@ -53,14 +53,14 @@ class Unpacked(tuple):
         return tuple(self)
 
 
-def padding_free(inputs, *, graph, key_readers=(), key_padding=None):  # the last two: for after_padding_free
+def padding_free(inputs, *, graph, output_axes, key_readers=(), key_padding=None):  # the last two: after_padding_free
     try:
         *values, tokens = run_without_dropout(graph, inputs) if verifying() else graph(*inputs)
     except UseOriginal as e:  # raised inside the graph: its first line is the reason (fx appends the node)
         raise UseOriginal(str(e).splitlines()[0]) from None
     out = Unpacked(values)
     out.fxbt_real = [None if axes is None else _real_at(tokens, axes, v.dim())
-                for axes, v in zip(graph.meta["output_axes"], values)]
+                for axes, v in zip(output_axes, values)]
     return out
 
 
@@ -283,7 +283,8 @@ def check_padding_free(match) -> Accept | Decline:
     key_padding = _key_padding(gm, call, region, packed)
     if isinstance(key_padding, str):
         return Decline(key_padding)
-    return Accept(inputs={"inputs": tuple(packed.inputs)}, params={"graph": packed.graph, **key_padding},
+    return Accept(inputs={"inputs": tuple(packed.inputs)},
+                  params={"graph": packed.graph, "output_axes": packed.output_axes, **key_padding},
                   absorb=tuple(region.nodes), outputs=tuple(packed.outputs),
                   note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens",
                   impl="packed")

@@ -42,6 +42,25 @@ def test_python_export_reimports_and_matches(bert, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)))
 
 
+def test_python_export_of_a_padding_free_stack_runs_both_paths(tmp_path, monkeypatch):
+    """A padding-free region exported and re-imported: a padded call takes the packed path, an unpadded one its
+    original subgraph (both as the optimized model computes them)."""
+    spec = zoo.SPECS["llama"]
+    gm = fxbt.optimize(spec.build("sdpa"), zoo.make_inputs(spec, 3, 9, True, seed=1, left=True), inplace=False,
+                       frontend="dynamo")
+    assert fxbt.report(gm).rewritten("padding_free")
+    fxbt.export(gm, tmp_path / "exported_llama", format="python")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = importlib.import_module("exported_llama").load()
+    (region,) = [m for m in loaded.modules() if isinstance(m, fxbt.region.Region) and m.kernel == "padding_free"]
+    for pad, path in ((True, "replacement"), (False, "no token is padding in this call")):
+        probe = zoo.make_inputs(spec, 4, 12, pad, seed=2, left=True)
+        with torch.inference_mode():
+            want, got = gm(**probe), loaded(**probe)
+        assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)))
+        assert region.last_path == path
+
+
 def test_pt2_export_loads_and_matches_in_a_fresh_process_without_fxbt(bert, tmp_path):
     spec, model, gm = bert
     fxbt.export(gm, tmp_path / "bert.pt2", format="pt2", example_inputs=spec.example())
