@@ -148,7 +148,7 @@ def _python(gm: torch.fx.GraphModule, folder: Path) -> Path:
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # what nn.Module.__init__ sets, hooks included
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _REGION_ARGUMENTS = frozenset(("rule", "kernel", "replacement", "slots", "params", "fallback", "wants_training",
-                               "last_path"))
+                               "original_arity", "last_path"))  # the constructor sets them
 _SLOT_DEFAULTS = {"value": None, "many": False}
 _MODULE_NAMES = frozenset(("Path", "torch", "FOLDER", "PARAMETERS", "TENSORS", "FxbtModule", "load"))
 

@@ -14,6 +14,8 @@ import operator
 import torch
 import torch.fx
 
+from .meta import writes_in_place
+
 # ops whose result is new memory (a view or the input itself is never returned)
 _ALLOCATING = frozenset({
     "matmul", "bmm", "baddbmm", "einsum", "mm", "addmm", "linear", "add", "sub", "mul", "div", "true_divide",
@@ -93,9 +95,5 @@ def _unaffected(user: torch.fx.Node, written: torch.fx.Node, write: torch.fx.Nod
             user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "dtype", "device")):
         return True
     # a view (or anything else) read only before the write, by readers that are themselves unaffected
-    return user.op in ("call_function", "call_method") and not _may_write(user) and \
+    return user.op in ("call_function", "call_method") and not writes_in_place(user) and \
         all(order[u] < order[write] and _unaffected(u, user, write, order) for u in user.users)
-
-
-def _may_write(node: torch.fx.Node) -> bool:
-    return _out_of_place_target(node) is not None or (node.op == "call_method" and node.target.endswith("_"))

@@ -7,6 +7,7 @@ their real tensor value, so checks can evaluate them.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,8 @@ def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     weights, always the same value: random and uninitialised tensors are not). A tensor an in-place op later
     writes other values into is not, nor is anything computed from it."""
     found = _shape_only(graph, set())
-    written = {base for node in graph.nodes if _writes(node) and not all(a in found for a in node.all_input_nodes)
-               for base in _bases(node.args[0])}
+    written = {base for node in graph.nodes if writes_in_place(node) and not all(a in found for a in node.all_input_nodes)
+               for base in _bases(node.kwargs.get("out", node.args[0] if node.args else None))}
     return _shape_only(graph, written) if written else found
 
 
@@ -71,18 +72,26 @@ _VIEWS = {"getitem", "view", "reshape", "transpose", "permute", "expand", "expan
           "view_as", "reshape_as", "split", "chunk", "unbind", "swapaxes", "movedim", "type_as"}
 
 
-def _writes(node: torch.fx.Node) -> bool:
-    """An in-place op (its first argument is written)."""
-    if not node.args or not isinstance(node.args[0], torch.fx.Node):
-        return False
+_IN_PLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                       operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
+_IN_PLACE_METHODS = {f"__{op.__name__}__" for op in _IN_PLACE_OPERATORS}  # x.__iadd__(y), x.__setitem__(i, y)
+
+
+def writes_in_place(node: torch.fx.Node) -> bool:
+    """An op that writes into a tensor it is given (its first argument, or ``out=``): ``x.masked_fill_(...)``,
+    ``x[i] = y``, ``x += y``, ``torch.relu_(x)``, a mutable aten overload."""
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
+        return node.target.endswith("_") and not node.target.startswith("_") or node.target in _IN_PLACE_METHODS
     if node.op != "call_function":
         return False
+    if node.target in _IN_PLACE_OPERATORS or "out" in node.kwargs:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
     name = getattr(node.target, "__name__", "")
-    if getattr(node.target, "__module__", "") in ("_operator", "operator"):  # operator.and_ is ``&``
-        return name in ("setitem", "iadd", "isub", "imul", "itruediv", "iand", "ior")
-    return name.endswith("_") and not name.startswith("_")
+    return name.endswith("_") and not name.startswith("_") and \
+        getattr(node.target, "__module__", "") not in ("_operator", "operator")  # operator.and_ is ``&``
 
 
 def _bases(node: torch.fx.Node) -> set:

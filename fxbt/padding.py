@@ -228,8 +228,7 @@ def _fits(gm, node, region: Region) -> str | None:
         ids = node.args[0]
         return None if ids in region.nodes or _alignable(ids, node, region, drop_last=True) else \
             "its token ids do not run on packed tokens"
-    if kind == "join" and _only_part(node) is not None:  # a cat with empty tensors (an empty KV cache): itself
-        part = _only_part(node)
+    if kind == "join" and (part := _only_part(node)) is not None:  # a cat with empty tensors (an empty KV cache)
         return None if part in region.nodes and region.axes(part) == out else "its input does not run on packed tokens"
     if kind == "join":
         first = _join_inputs(node)[0]
@@ -369,8 +368,8 @@ def _padded_cone(gm, node, region: Region) -> set:
 def _prune_reentry(region: Region) -> bool:
     """A region runs as one call: no path may leave it and come back. Drop what such a path reaches. Size
     queries of its values, and arithmetic on them, join it at the end (`_add_size_queries`): no path leaves there."""
-    inside = region.nodes | _size_computations(region)
     inputs = _inputs(region)
+    inside = region.nodes | _size_computations(region, inputs)
     later = set()
     for node in inside:
         for user in node.users:
@@ -411,11 +410,11 @@ def _add_size_queries(region: Region) -> None:
     region.nodes |= _size_computations(region)
 
 
-def _size_computations(region: Region) -> set:
+def _size_computations(region: Region, inputs=None) -> set:
     """The size queries of region values and the arithmetic on them that only the region reads. A size an input
     of the region also has stays outside: installing the region makes it read that input (`rewire`)."""
     nodes = set(region.nodes)
-    inputs = _inputs(region)
+    inputs = _inputs(region) if inputs is None else inputs
     changed = True
     while changed:
         changed = False
@@ -540,8 +539,8 @@ class _Builder:
             return self._attention(node, attention)
         if kind == "view":
             return self._view(node)
-        if kind == "join" and _only_part(node) is not None:
-            return self.env[_only_part(node)]
+        if kind == "join" and (part := _only_part(node)) is not None:
+            return self.env[part]
         if kind in ("layout", "split", "join"):
             return self._with_dims(node)
         if kind == "getitem":

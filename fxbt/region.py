@@ -51,6 +51,9 @@ class Region(torch.nn.Module):
         self.params = params
         self.fallback = fallback
         self.wants_training = "training" in inspect.signature(replacement).parameters
+        # the inputs the original reads (a region may take more: those added for run-time checks come last);
+        # from its signature, which an exported original has too
+        self.original_arity = len(inspect.signature(original.forward).parameters)
         self.last_path = None  # "replacement" or the fallback's reason, for the report and tests
         self.calls: Counter = Counter()  # "fast" or the reason the original ran -> calls (the report's row)
 
@@ -81,10 +84,8 @@ class Region(torch.nn.Module):
         return self.run_original(inputs)
 
     def run_original(self, inputs):
-        """The original subgraph on a call's inputs (a region may take more inputs than its original reads:
-        those added for run-time checks come last)."""
-        count = len(inspect.signature(self.original.forward).parameters)  # also for an exported original
-        return self.original(*map(materialize, inputs[:count]))
+        """The original subgraph on a call's inputs (past the inputs it reads: those for run-time checks)."""
+        return self.original(*map(materialize, inputs[:self.original_arity]))
 
     def canonical_view(self, node: torch.fx.Node):
         """How the canonical graph sees this region: an SDPA region is an ``sdpa`` op on (q, k, v)."""

@@ -12,12 +12,10 @@ after it, every tensor holds its final value, so equal ops over the same nodes g
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
-from .meta import deterministic
+from .meta import deterministic, writes_in_place
 
 
 class ValueKeys:
@@ -79,26 +77,12 @@ def _frozen(value, keys):
     return (type(value).__name__, value)  # 1 and 1.0 and True stay apart
 
 
-_IN_PLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
-                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
-                       operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
-
-
 def _may_mutate(node: torch.fx.Node) -> bool:
     """The node may write into a tensor: an in-place op, or code fxbt cannot see into."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
+    if writes_in_place(node):
+        return True
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(node.target)
         return not type(module).__module__.startswith(("torch.nn", "fxbt"))
-    if node.op != "call_function":
-        return False
-    if node.target in _IN_PLACE_OPERATORS or "out" in node.kwargs:
-        return True
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    if not _is_pure(node):
-        return deterministic(node)  # a Python function: it may write; random ops only draw numbers
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_") and getattr(node.target, "__module__", "") not in (
-        "_operator", "operator")  # operator.and_ is `&`, not in place
+    # a Python function may write; random ops only draw numbers
+    return node.op == "call_function" and not _is_pure(node) and deterministic(node)

@@ -141,18 +141,22 @@ def mask_from(program, terms, scores_shape):
     return terms[0] if program is None else build_mask(program, terms, torch.float32, scores_shape)
 
 
+def _mask_inputs(region, kwargs) -> tuple:
+    """(the attention's mask program or None, the terms it is built from) for one call's arguments."""
+    program, slot = _mask_source(region)
+    return program, kwargs.get(slot, ()) if program is not None else (kwargs[slot],)
+
+
 def _mask_of(region, kwargs, scores_shape):
     """The attention's mask over the padded grid, as its region's replacement would build it (or None)."""
-    program, slot = _mask_source(region)
-    return mask_from(program, kwargs.get(slot, ()) if program is not None else (kwargs[slot],), scores_shape)
+    return mask_from(*_mask_inputs(region, kwargs), scores_shape)
 
 
 def _shared_mask(tokens: Tokens, region, kwargs, scores_shape):
     """The attention's mask over the padded grid; attentions building theirs by the same program from the same
     tensors share one within a call (T5's layers all add the first layer's position bias), and so share its
     restriction to the real tokens (`_restricted_masks`)."""
-    program, slot = _mask_source(region)
-    terms = kwargs.get(slot, ()) if program is not None else (kwargs[slot],)
+    program, terms = _mask_inputs(region, kwargs)
     key = ("built", _hashable(program), tuple(map(_hashable, terms)), tuple(scores_shape))
     if key not in tokens.cache:
         tokens.cache[key] = (terms, mask_from(program, terms, scores_shape))  # the terms live as long as their ids
@@ -160,11 +164,14 @@ def _shared_mask(tokens: Tokens, region, kwargs, scores_shape):
 
 
 def _hashable(value):
-    """``value`` itself where it is a plain constant, its identity otherwise (a tensor)."""
+    """``value`` itself where it is a plain constant, its identity where it is a tensor or unhashable."""
+    if isinstance(value, torch.Tensor):
+        return id(value)
     try:
-        return value if not isinstance(value, torch.Tensor) and hash(value) is not None else id(value)
+        hash(value)
     except TypeError:
         return id(value)
+    return value
 
 
 def _attention_spec(tokens: Tokens, region, args, scores_shape) -> _Spec:
@@ -261,9 +268,10 @@ def check_padding_free(match) -> Accept | Decline:
     gm = call.graph.owning_module
     if not is_attention(gm, call):
         return Decline("not an attention region")
-    if gm.get_submodule(call.target).replacement not in (sdpa_attention, call_sdpa):
-        return Decline(f"no per-sequence form for {gm.get_submodule(call.target).rule}")
-    if not _may_mask_keys(gm.get_submodule(call.target)):
+    attention = gm.get_submodule(call.target)
+    if attention.replacement not in (sdpa_attention, call_sdpa):
+        return Decline(f"no per-sequence form for {attention.rule}")
+    if not _may_mask_keys(attention):
         return Decline("its attention has no mask: no token is ever padding")
     if not any(isinstance(t, torch.fx.Node) and not t.meta.get("fxbt_shape_only") for t in _mask_terms(gm, call)):
         return Decline("its mask is computed from sizes alone (no input masks a token): no token is ever padding")
@@ -300,7 +308,8 @@ def _may_mask_keys(region) -> bool:
 
 def _mask_terms(gm, call) -> tuple:
     """The values an attention region's mask is built from: nodes of ``gm``, or constants."""
-    slot = gm.get_submodule(call.target).slots[_mask_source(gm.get_submodule(call.target))[1]]
+    attention = gm.get_submodule(call.target)
+    slot = attention.slots[_mask_source(attention)[1]]
     return slot.args_of(call) if slot.many or slot.index is not None else (slot.value,)
 
 
