@@ -82,9 +82,10 @@ def real_tokens(seed, args, batch: int, seq: int, reads=(), gathers=()) -> Token
     """The call's real tokens: the key columns the seed attention's mask does not mask for every query."""
     if batch * seq == 0:
         raise UseOriginal("an empty batch or sequence")
-    keep = real_columns(_mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq)), batch, seq)
+    mask = _mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq))
+    keep = real_columns(mask, batch, seq)
     if keep is None and verifying():  # an example with no padding still verifies the packed path
-        keep = torch.ones(batch, seq, dtype=torch.bool)
+        keep = torch.ones(batch, seq, dtype=torch.bool, device=mask.device)
     if keep is None:
         raise UseOriginal("no token is padding in this call")
     if reads or gathers:  # positions read after the region (a pooler's) are computed even where padding
