@@ -5,6 +5,7 @@ inductor cache) and one eager forward, measured in the same run.
 Workloads (random weights, eval mode, fp32, one thread per process unless --threads):
 - bert-256-L{2,24}: BertModel, hidden 256, 4 heads, feed-forward 1024; example batch 2, sequence 32.
 - bert-base: BertModel (12 layers, hidden 768); example batch 8, sequence 128, a quarter padding.
+- bert-base-built: the same model optimized without an example (fxbt builds batch 2, sequence 16).
 - swin-L{2,8}: SwinModel, 2 stages (depths 1+1 and 2+6), embed 32, window 4, image 32, patch 2; batch 2.
 
     python bench/optimize_profile.py [--repeats 2] [--out bench/results/optimize-profile.json]
@@ -25,7 +26,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's fxbt, then the b
 
 import torch  # noqa: E402
 
-WORKLOADS = ["bert-256-L2", "bert-256-L24", "bert-base", "swin-L2", "swin-L8"]
+WORKLOADS = ["bert-256-L2", "bert-256-L24", "bert-base", "bert-base-built", "swin-L2", "swin-L8"]
 
 
 def build(name: str):
@@ -43,6 +44,8 @@ def build(name: str):
         return model, {"input_ids": ids, "attention_mask": torch.ones(2, 32, dtype=torch.long)}
     if name == "bert-base":
         return bert_base("eager"), bert_inputs(8, 128, 0.25)
+    if name == "bert-base-built":
+        return bert_base("eager"), None
     if name.startswith("swin"):
         from transformers import SwinConfig, SwinModel
 

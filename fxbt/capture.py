@@ -42,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import decompose, functional, shapes
+from . import decompose, dynamo_frontend, functional, shapes
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -131,6 +131,9 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             cap = Capture(gm, name, failures, flat_inputs, shapes=guard)
             if "use_cache" in inspect.signature(model.forward).parameters:
                 cap.notes.append("captured with use_cache=False: the graph returns no KV cache")
+            calls, traced = gm.meta.get("fxbt_block_reuse", (0, 0))
+            if calls > traced:
+                cap.notes.append(f"{calls} calls of repeated blocks captured from {traced} trace(s) of a block")
             if guard.static:
                 cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
             return cap
@@ -322,6 +325,20 @@ def _undo_hf_patches(tracer_cls):
 
 
 def _dynamo(model, args, kwargs):
+    """Dynamo's graph, repeated blocks traced once (fxbt/dynamo_frontend.py); ``torch._dynamo.export``
+    where that capture fails."""
+    from .calling import leaf_names
+
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    try:
+        return dynamo_frontend.capture(model, args, kwargs, leaf_names(params, args, kwargs)), ()
+    except Exception as e:  # noqa: BLE001 - export below reports its own failure
+        log.info("fxbt: dynamo capture with block reuse failed, trying torch._dynamo.export: %s", e)
+    return _dynamo_export(model, args, kwargs), ()
+
+
+def _dynamo_export(model, args, kwargs):
     """``torch._dynamo.export`` with every input size dynamic, no duck sizing (batch == sequence on the
     example stays two sizes) and no 0/1 specialisation where dynamo can avoid it (its guards record the
     specialisations it still makes). No ``torch._dynamo.reset()``: other compiled code keeps its caches."""
@@ -335,7 +352,7 @@ def _dynamo(model, args, kwargs):
             torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(
                 torch._dynamo.config.accumulated_recompile_limit, limit)):
         result = torch._dynamo.export(model, assume_static_by_default=False)(*args, **kwargs)
-    return result.graph_module, ()
+    return result.graph_module
 
 
 def _plain_fx(model, args, kwargs):

@@ -131,6 +131,7 @@ def _dynamo_conditions(env, placeholder_names: list[str], input_names: list[str]
     index = {name: i for i, name in enumerate(placeholder_names)}
     unique = [n for n in input_names if input_names.count(n) == 1]
     index.update({f"l_{name.lower()}_": input_names.index(name) for name in unique if f"l_{name.lower()}_" not in index})
+    index.update({f"l_flat_args_{i}_": i for i in range(len(input_names))})  # dynamo_frontend's flat inputs
     stand_in, values = {}, _hints(env)
     for symbol, sources in env.var_to_sources.items():
         for source in sources:
