@@ -35,7 +35,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str])
     ``names`` name the placeholders, one per leaf of ``(args, kwargs)``."""
     with _repeated_blocks_marked(model) as marked:
         try:
-            return _capture(model, args, kwargs, names)
+            # Gradients on while tracing (the ops are the same): the first block then reads a graph input that
+            # requires no grad and its siblings values that do, so dynamo does not stamp the first block's trace,
+            # whose sizes are bound to graph inputs, onto them; under no_grad torch 2.13 tries and fails
+            # (KeyError in stamp_out_subgraph) for every stack whose first block reads an input directly.
+            with torch.enable_grad():
+                return _capture(model, args, kwargs, names)
         except Exception:
             if not marked:
                 raise
@@ -45,15 +50,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str])
 @contextlib.contextmanager
 def _repeated_blocks_marked(model: torch.nn.Module):
     """Mark the forward of every class with two or more structurally equal sibling instances."""
-    marked = {cls: cls.__dict__.get("forward") for cls in _repeated_block_classes(model)}
-    for cls in marked:
-        cls.forward = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=4096)
+    marked: dict[type, object] = {}  # class -> its own forward (None: inherited)
     try:
+        for cls in _repeated_block_classes(model):
+            own = cls.__dict__.get("forward")
+            cls.forward = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=4096)
+            marked[cls] = own
         yield bool(marked)
     finally:
         for cls, own in marked.items():
             if own is None:
-                del cls.forward  # it was inherited
+                del cls.forward
             else:
                 cls.forward = own
 

@@ -108,9 +108,9 @@ class ShiftBlock(nn.Module):
 
 
 class ShiftStack(nn.Module):
-    def __init__(self, shifts):
+    def __init__(self, shifts, embed: bool = True):
         super().__init__()
-        self.embed = nn.Linear(8, 8)
+        self.embed = nn.Linear(8, 8) if embed else nn.Identity()
         self.blocks = nn.ModuleList(ShiftBlock(s) for s in shifts)
 
     def forward(self, x):
@@ -142,6 +142,18 @@ def test_dynamo_traces_a_repeated_block_once_and_each_sibling_keeps_its_own(shif
     with torch.no_grad():
         assert (optimized(probe) - model(probe)).abs().max() < 1e-6
     assert ShiftBlock.forward is ShiftBlock.__dict__["forward"] and not hasattr(ShiftBlock.forward, "__wrapped__")
+
+
+def test_dynamo_reuses_blocks_of_a_stack_whose_first_block_reads_the_input():
+    """The first block reads a graph input, the others values computed in the graph: the others still share
+    one trace (torch 2.13's stamp-out fails where it tries to reuse the first block's trace)."""
+    torch.manual_seed(0)
+    model = ShiftStack((1, 1, 1, 1), embed=False).eval()
+    optimized = fxbt.optimize(model, (torch.randn(2, 5, 8),), frontend="dynamo", inplace=False)
+    assert _block_reuse(fxbt.report(optimized)) == "3 calls of repeated blocks captured from 1 trace(s) of a block"
+    probe = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert (optimized(probe) - model(probe)).abs().max() < 1e-6
 
 
 def test_dynamo_graph_with_block_reuse_has_the_ops_of_a_whole_trace():
