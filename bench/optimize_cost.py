@@ -53,10 +53,11 @@ def frontends(model: str) -> list[str]:
 
 
 def measure(name: str, layers: int, compile_too: bool) -> dict:
-    model, (args, kwargs) = MODELS[name](layers)
-    example = kwargs or args
     row = {}
     for frontend in frontends(name):
+        # a fresh model per frontend: each frontend's cost on a model no earlier optimize() has touched
+        model, (args, kwargs) = MODELS[name](layers)
+        example = kwargs or args
         torch._dynamo.reset()
         start = time.perf_counter()
         gm = fxbt.optimize(model, example, frontend=frontend)

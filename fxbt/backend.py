@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from . import decompose, functional, registry, shapes
+from . import decompose, einsums, functional, registry, shapes
 from .canon import canonical_op
 from .meta import propagate
 from .report import Report
@@ -42,6 +42,7 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: di
             sink: list | None = None, reason: str = "a graph handed over by torch.compile") -> torch.fx.GraphModule:
     inputs = [_concrete(x) for x in example_inputs]
     functional.out_of_place(gm)
+    decompose.fake_values(gm, einsums.write_out(gm))  # einsums in a layout of their own: permutes and matmul
     propagate(gm, inputs)
     if decompose.candidates(gm):  # PyTorch's multi-head attention, written out as the ops it runs
         decompose.fake_values(gm, decompose.decompose(gm))

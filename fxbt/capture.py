@@ -42,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import decompose, dynamo_frontend, functional, shapes
+from . import decompose, dynamo_frontend, einsums, functional, shapes
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -384,11 +384,12 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
 
 
 def _decompose_attention(gm, flat_inputs, frontend) -> None:
-    """PyTorch's multi-head attention calls written out as the ops they run (fxbt/decompose.py)."""
-    if not decompose.candidates(gm):
-        return
-    propagate(gm, flat_inputs)  # ranks and dtypes the calls' Python code decides from
-    added = decompose.decompose(gm)
+    """PyTorch's multi-head attention calls written out as the ops they run (fxbt/decompose.py), and einsums
+    in a layout of their own as permutes and matmul (fxbt/einsums.py)."""
+    added = einsums.write_out(gm)
+    if decompose.candidates(gm):
+        propagate(gm, flat_inputs)  # ranks and dtypes the calls' Python code decides from
+        added += decompose.decompose(gm)
     if frontend == "dynamo":
         decompose.fake_values(gm, added)
 

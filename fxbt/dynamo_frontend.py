@@ -33,18 +33,18 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str])
     """The model's graph on the example, repeated blocks traced once where dynamo can reuse them.
 
     ``names`` name the placeholders, one per leaf of ``(args, kwargs)``."""
-    with _repeated_blocks_marked(model) as marked:
-        try:
-            # Gradients on while tracing (the ops are the same): the first block then reads a graph input that
-            # requires no grad and its siblings values that do, so dynamo does not stamp the first block's trace,
-            # whose sizes are bound to graph inputs, onto them; under no_grad torch 2.13 tries and fails
-            # (KeyError in stamp_out_subgraph) for every stack whose first block reads an input directly.
-            with torch.enable_grad():
-                return _capture(model, args, kwargs, names)
-        except Exception:
-            if not marked:
-                raise
-    return _capture(model, args, kwargs, names)  # a marked block dynamo could not trace as a region
+    with _repeated_blocks_marked(model) as marked, _storage_of_their_own(model):
+        if marked:
+            try:
+                # Gradients on while tracing (the ops are the same): the first block then reads a graph input
+                # that requires no grad and its siblings values that do, so dynamo does not stamp the first
+                # block's trace, whose sizes are bound to graph inputs, onto them; under no_grad torch 2.13
+                # tries and fails (KeyError in stamp_out_subgraph) for stacks whose first block reads an input.
+                with torch.enable_grad():
+                    return _capture(model, args, kwargs, names)
+            except Exception:  # noqa: BLE001 - a block dynamo cannot trace as a region: trace every block
+                pass
+    return _capture(model, args, kwargs, names)
 
 
 @contextlib.contextmanager
@@ -63,6 +63,26 @@ def _repeated_blocks_marked(model: torch.nn.Module):
                 del cls.forward
             else:
                 cls.forward = own
+
+
+@contextlib.contextmanager
+def _storage_of_their_own(model: torch.nn.Module):
+    """Parameters that are views into one storage (an encoder's Q, K and V weights after fxbt packed them)
+    get copies of their own while dynamo traces: it declines to reuse a block whose inputs alias."""
+    seen, shared = {}, []
+    for p in model.parameters():
+        key = (p.device, p.untyped_storage().data_ptr())
+        if key in seen and p.numel():
+            shared.append((p, p.data))
+        seen.setdefault(key, p)
+    with torch.no_grad():
+        for p, data in shared:
+            p.data = data.clone()
+    try:
+        yield
+    finally:
+        for p, data in shared:
+            p.data = data
 
 
 def _repeated_block_classes(model: torch.nn.Module) -> set[type]:

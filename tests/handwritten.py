@@ -123,7 +123,26 @@ class GroupedQuery(nn.Module):
         return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(b, s, DIM)
 
 
-STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery]
+class EinsumHeadsThird(nn.Module):
+    """Heads kept as the third axis throughout: scores by ``bqhd,bkhd->bhqk``, the output by ``bhqk,bkhd->bqhd``
+    (an einsum whose output is permuted), heads merged by reshape; masked scores filled with -1e9."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.o = nn.Linear(DIM, DIM)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 3, HEADS, DIM // HEADS)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(DIM // HEADS)
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, -1e9)
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
+        return self.o(out.reshape(b, s, DIM))
+
+
+STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery, EinsumHeadsThird]
 
 
 # --- near misses: they look like attention, and are not (or not rewritable as SDPA) -----------------

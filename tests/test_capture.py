@@ -172,3 +172,25 @@ def test_dynamo_graph_with_block_reuse_has_the_ops_of_a_whole_trace():
     ops = lambda gm: Counter((n.op, str(n.target)) for n in gm.graph.nodes  # noqa: E731
                              if n.op in ("call_function", "call_method"))
     assert reused.meta["fxbt_block_reuse"] == (zoo.L, 1) and ops(reused) == ops(whole)
+
+
+def test_dynamo_reuses_blocks_after_fxbt_packed_their_weights():
+    """A model whose calls ran fxbt's encoder blocks has its Q, K and V weights as views of one packed tensor;
+    a later capture (another specialization, a second optimize) still traces the block once, and the packing
+    is left as it was."""
+    spec = zoo.SPECS["bert"]
+    model = spec.build()
+    fxbt.optimize(model, spec.example(), frontend="dynamo")
+    with torch.no_grad():
+        model(**spec.probe())  # the encoder blocks pack their projections
+    attention = model.encoder.layer[0].attention.self
+    storages = lambda: {w.weight.untyped_storage().data_ptr()  # noqa: E731
+                        for w in (attention.query, attention.key, attention.value)}
+    assert len(storages()) == 1
+    fxbt.optimize(model, spec.example(), frontend="dynamo")
+    assert _block_reuse(fxbt.report(model)) == f"{zoo.L} calls of repeated blocks captured from 1 trace(s) of a block"
+    assert len(storages()) == 1
+    probe = spec.probe()
+    want = reference(spec.build(), probe)
+    with torch.no_grad():
+        assert real_token_error(spec, want, model(**probe), probe) < 1e-5

@@ -29,6 +29,20 @@ def test_style_is_rewritten_and_exact(style, frontend):
             assert identical(fxbt.unroll(gm)(x, mask), model(x, mask))
 
 
+@pytest.mark.parametrize("equation, plan", [
+    ("bqhd,bkhd->bhqk", ([0, 2, 1, 3], [0, 2, 1, 3], True, [0, 1, 2, 3])),  # Q·Kᵀ, heads third
+    ("bhqk,bkhd->bqhd", ([0, 1, 2, 3], [0, 2, 1, 3], False, [0, 2, 1, 3])),  # P·V, output permuted
+    ("bhqd,bhkd->bhqk", None),  # matmul's layout with the right transposed: read by the canonical view
+    ("bhqk,bhkd->bhqd", None),  # matmul's own layout
+    ("bqhd,bkhd->bqk", None),  # two contracted axes: not one matrix product
+    ("bhqd,bhkd->bhqkd", None),  # nothing contracted
+    ("bii,bij->bij", None),  # a diagonal
+])
+def test_einsum_written_out_only_where_it_is_one_product_in_another_layout(equation, plan):
+    from fxbt import einsums
+    assert einsums._plan(equation, [None, None]) == plan
+
+
 def test_grouped_query_uses_enable_gqa_without_repeating():
     model = hw.GroupedQuery().eval()
     gm = fxbt.optimize(model, hw.inputs(), inplace=False)
