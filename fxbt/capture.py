@@ -110,10 +110,13 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 reference = _seeded(model.training, lambda: model(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
-        for name in order:
+        for name, attempt in _attempts(order):
+            if name in failures:
+                continue
+            gm = None
             try:
                 with stage(f"capture ({name})"):
-                    gm, decisions = _FRONTEND_FNS[name](model, args, kwargs)
+                    gm, decisions = attempt(model, args, kwargs)
                 with stage("calling convention"):
                     flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
                     _decompose_attention(gm, flat_inputs, name)
@@ -124,6 +127,9 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 with stage("shape guards"):
                     guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason
+                if gm is not None and gm.meta.get("fxbt_block_reuse", (0, 0))[0]:
+                    log.info("fxbt: the graph with repeated blocks reused failed (%s); tracing every block", e)
+                    continue  # the next attempt traces every block
                 failures[name] = _short_reason(e)
                 blockers.setdefault(name, blocker(e))
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])
@@ -139,6 +145,15 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             return cap
     where = next((blockers[n] for n in ("dynamo", "fx", "hf_fx") if blockers.get(n)), None)
     raise CaptureError(failures, training=model.training, blocker=where)
+
+
+def _attempts(order):
+    """(frontend, capture function) in the order tried: dynamo with repeated blocks traced once, then, if
+    that graph fails a check (it does not reproduce the model, say), dynamo tracing every block."""
+    for name in order:
+        yield name, _FRONTEND_FNS[name]
+        if name == "dynamo":
+            yield name, lambda model, args, kwargs: _dynamo(model, args, kwargs, reuse=False)
 
 
 def _shape_guard(gm, frontend, flat_inputs, decisions) -> shapes.ShapeGuard:
@@ -324,15 +339,15 @@ def _undo_hf_patches(tracer_cls):
                         setattr(mod, attr, undo[value])
 
 
-def _dynamo(model, args, kwargs):
-    """Dynamo's graph, repeated blocks traced once (fxbt/dynamo_frontend.py); ``torch._dynamo.export``
-    where that capture fails."""
+def _dynamo(model, args, kwargs, reuse: bool = True):
+    """Dynamo's graph, repeated blocks traced once where ``reuse`` (fxbt/dynamo_frontend.py);
+    ``torch._dynamo.export`` where that capture fails."""
     from .calling import leaf_names
 
     params = [p.name for p in inspect.signature(model.forward).parameters.values()
               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     try:
-        return dynamo_frontend.capture(model, args, kwargs, leaf_names(params, args, kwargs)), ()
+        return dynamo_frontend.capture(model, args, kwargs, leaf_names(params, args, kwargs), reuse), ()
     except Exception as e:  # noqa: BLE001 - export below reports its own failure
         log.info("fxbt: dynamo capture with block reuse failed, trying torch._dynamo.export: %s", e)
     return _dynamo_export(model, args, kwargs), ()

@@ -29,30 +29,26 @@ _STATE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 _ROOT = "_export_root"  # where dynamo's wrapper (ModuleToTrace) keeps the model
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str]) -> torch.fx.GraphModule:
-    """The model's graph on the example, repeated blocks traced once where dynamo can reuse them.
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str], reuse: bool = True
+            ) -> torch.fx.GraphModule:
+    """The model's graph on the example, repeated blocks traced once where dynamo can reuse them (``reuse``).
 
     ``names`` name the placeholders, one per leaf of ``(args, kwargs)``."""
-    with _repeated_blocks_marked(model) as marked, _storage_of_their_own(model):
-        if marked:
+    with _repeated_blocks_marked(model, reuse) as marked, _storage_of_their_own(model):
+        for grad in ((False, True) if marked else ()):
             try:
-                # Gradients on while tracing (the ops are the same): the first block then reads a graph input
-                # that requires no grad and its siblings values that do, so dynamo does not stamp the first
-                # block's trace, whose sizes are bound to graph inputs, onto them; under no_grad torch 2.13
-                # tries and fails (KeyError in stamp_out_subgraph) for stacks whose first block reads an input.
-                with torch.enable_grad():
-                    return _capture(model, args, kwargs, names)
-            except Exception:  # noqa: BLE001 - a block dynamo cannot trace as a region: trace every block
+                return _capture(model, args, kwargs, names, grad)
+            except Exception:  # noqa: BLE001 - a block dynamo cannot trace as a region: next way
                 pass
-    return _capture(model, args, kwargs, names)
+    return _capture(model, args, kwargs, names, False)
 
 
 @contextlib.contextmanager
-def _repeated_blocks_marked(model: torch.nn.Module):
-    """Mark the forward of every class with two or more structurally equal sibling instances."""
+def _repeated_blocks_marked(model: torch.nn.Module, reuse: bool = True):
+    """Mark the forward of every class with two or more sibling instances, all instances of one structure."""
     marked: dict[type, object] = {}  # class -> its own forward (None: inherited)
     try:
-        for cls in _repeated_block_classes(model):
+        for cls in _repeated_block_classes(model) if reuse else ():
             own = cls.__dict__.get("forward")
             cls.forward = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=4096)
             marked[cls] = own
@@ -86,26 +82,48 @@ def _storage_of_their_own(model: torch.nn.Module):
 
 
 def _repeated_block_classes(model: torch.nn.Module) -> set[type]:
-    """Classes of sibling blocks (modules with submodules of their own) that share one structure."""
-    classes = set()
+    """Classes of sibling blocks (modules with submodules of their own) every instance of which has one
+    structure: the same submodule types at the same paths, the same parameter and buffer shapes. Dynamo's
+    reuse re-checks the attributes a block's trace read, but not which module class sits at a path (it took
+    ModernBERT's first layer, whose pre-attention norm is an Identity, for its LayerNorm siblings)."""
+    structures: dict[type, set] = {}
+    repeated = set()
     for parent in model.modules():
-        seen: dict = {}
+        seen = set()
         for child in parent.children():
             if next(child.children(), None) is None or "forward" in child.__dict__:
                 continue  # a leaf op (a linear, a norm), or an instance whose forward was replaced
             key = _structure(child)
+            structures.setdefault(type(child), set()).add(key)
             if key in seen:
-                classes.add(type(child))
-            seen[key] = child
-    return classes
+                repeated.add(type(child))
+            seen.add(key)
+    for module in model.modules():
+        if type(module) in repeated:
+            structures[type(module)].add(_structure(module))
+    return {cls for cls in repeated if len(structures[cls]) == 1}
 
 
 def _structure(module: torch.nn.Module) -> tuple:
     tensors = list(module.named_parameters()) + list(module.named_buffers())
-    return type(module), tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
+    return (tuple((name, type(m)) for name, m in module.named_modules()),
+            tuple((name, tuple(t.shape), t.dtype) for name, t in tensors))
 
 
-def _capture(model, args, kwargs, names) -> torch.fx.GraphModule:
+def _capture(model, args, kwargs, names, grad: bool) -> torch.fx.GraphModule:
+    """One trace. ``grad``: with gradients on, which keeps dynamo from stamping the first block's trace onto
+    its siblings when the first block reads a graph input (the first block's input then requires no grad and
+    theirs do): under no_grad torch 2.13 tries that and fails (KeyError in stamp_out_subgraph). A model that
+    switches gradients itself (a rotary embedding under ``@torch.no_grad()``) would have those switches
+    recorded in the graph that way, so such a trace is refused."""
+    with torch.enable_grad() if grad else contextlib.nullcontext():
+        gm = _trace(model, args, kwargs, names)
+    if grad and any(n.target is torch._C._set_grad_enabled for n in gm.graph.nodes):
+        raise RuntimeError("the model switches gradients on or off inside its forward")
+    return gm
+
+
+def _trace(model, args, kwargs, names) -> torch.fx.GraphModule:
     import torch._dynamo
     from torch._dynamo.convert_frame import fullgraph_capture
     from torch._dynamo.functional_export import ModuleToTrace

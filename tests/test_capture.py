@@ -156,6 +156,60 @@ def test_dynamo_reuses_blocks_of_a_stack_whose_first_block_reads_the_input():
         assert (optimized(probe) - model(probe)).abs().max() < 1e-6
 
 
+class NormlessFirst(ShiftStack):
+    """The first block's norm is an Identity, its siblings' a LayerNorm (ModernBERT's first layer): one class,
+    two structures."""
+
+    def __init__(self):
+        super().__init__((1, 1, 1, 1))
+        self.blocks[0].norm = nn.Identity()
+
+
+class SwitchesGradients(ShiftStack):
+    """Blocks read the input directly, and the forward turns gradients off for a step of its own (as rotary
+    embeddings under ``@torch.no_grad()`` do)."""
+
+    def __init__(self):
+        super().__init__((1, 1, 1, 1), embed=False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            offset = torch.zeros_like(x[..., :1])
+        return super().forward(x + offset)
+
+
+def test_dynamo_block_reuse_only_among_blocks_of_one_structure(monkeypatch):
+    """Near miss: a class whose instances differ in a submodule's type is not marked, and where dynamo reused a
+    trace across them anyway (forced here), the graph fails the reproduction check and every block is traced."""
+    from fxbt import dynamo_frontend
+    torch.manual_seed(0)
+    model = NormlessFirst().eval()
+    assert dynamo_frontend._repeated_block_classes(model) == set()
+    assert dynamo_frontend._repeated_block_classes(ShiftStack((1, 1, 1, 1))) == {ShiftBlock}
+    monkeypatch.setattr(dynamo_frontend, "_repeated_block_classes", lambda m: {ShiftBlock})
+    optimized = fxbt.optimize(model, (torch.randn(2, 5, 8),), frontend="dynamo", inplace=False)
+    assert not _block_reuse(fxbt.report(optimized))
+    norms = [n for n in fxbt.unroll(optimized).graph.nodes if "layer_norm" in str(n.target)]
+    assert len(norms) == 3
+    probe = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert (optimized(probe) - model(probe)).abs().max() < 1e-6
+
+
+def test_dynamo_never_records_the_models_own_gradient_switches():
+    """Tracing with gradients on (for block reuse) would record the model's own ``no_grad`` as switches in the
+    graph, which would turn gradients on inside a caller's ``no_grad``: such a trace is refused."""
+    torch.manual_seed(0)
+    model = SwitchesGradients().eval()
+    optimized = fxbt.optimize(model, (torch.randn(2, 5, 8),), frontend="dynamo", inplace=False)
+    graph = fxbt.unroll(optimized).graph
+    assert not any(n.target is torch._C._set_grad_enabled for n in graph.nodes)
+    probe = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert (optimized(probe) - model(probe)).abs().max() < 1e-6
+        assert not torch.is_grad_enabled()
+
+
 def test_dynamo_graph_with_block_reuse_has_the_ops_of_a_whole_trace():
     """The stamped-out blocks written back one per call: the same operations as torch._dynamo.export's graph."""
     from collections import Counter
