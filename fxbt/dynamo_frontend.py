@@ -82,11 +82,12 @@ def _storage_of_their_own(model: torch.nn.Module):
 
 
 def _repeated_block_classes(model: torch.nn.Module) -> set[type]:
-    """Classes of sibling blocks (modules with submodules of their own) every instance of which has one
-    structure: the same submodule types at the same paths, the same parameter and buffer shapes. Dynamo's
-    reuse re-checks the attributes a block's trace read, but not which module class sits at a path (it took
-    ModernBERT's first layer, whose pre-attention norm is an Identity, for its LayerNorm siblings)."""
-    structures: dict[type, set] = {}
+    """Classes of sibling blocks (modules with submodules of their own) of one structure (submodule types at
+    each path, parameter and buffer shapes) whose instances all have the same submodule types at each path.
+    Dynamo's reuse re-checks the attributes and tensors a block's trace read, but not which module class sits
+    at a path: it took ModernBERT's first layer, whose pre-attention norm is an Identity, for its LayerNorm
+    siblings."""
+    kinds: dict[type, set] = {}
     repeated = set()
     for parent in model.modules():
         seen = set()
@@ -94,20 +95,22 @@ def _repeated_block_classes(model: torch.nn.Module) -> set[type]:
             if next(child.children(), None) is None or "forward" in child.__dict__:
                 continue  # a leaf op (a linear, a norm), or an instance whose forward was replaced
             key = _structure(child)
-            structures.setdefault(type(child), set()).add(key)
             if key in seen:
                 repeated.add(type(child))
             seen.add(key)
     for module in model.modules():
         if type(module) in repeated:
-            structures[type(module)].add(_structure(module))
-    return {cls for cls in repeated if len(structures[cls]) == 1}
+            kinds.setdefault(type(module), set()).add(_submodule_types(module))
+    return {cls for cls in repeated if len(kinds[cls]) == 1}
+
+
+def _submodule_types(module: torch.nn.Module) -> tuple:
+    return tuple((name, type(m)) for name, m in module.named_modules())
 
 
 def _structure(module: torch.nn.Module) -> tuple:
     tensors = list(module.named_parameters()) + list(module.named_buffers())
-    return (tuple((name, type(m)) for name, m in module.named_modules()),
-            tuple((name, tuple(t.shape), t.dtype) for name, t in tensors))
+    return _submodule_types(module), tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
 
 
 def _capture(model, args, kwargs, names, grad: bool) -> torch.fx.GraphModule:
