@@ -1,11 +1,13 @@
 """Dynamo capture whose cost barely grows with depth.
 
 A transformer repeats one block N times; tracing every copy is what made capture grow with depth. Here
-sibling submodules that are structurally one block (same class, same parameter and buffer shapes) are
-marked as ``torch.compiler.nested_compile_region`` while dynamo traces, so dynamo traces the block once
-and stamps it onto its siblings. Dynamo decides a reuse by the block's guards re-evaluated against each
-sibling (its own attributes, its inputs' sizes and dtypes), never by names; a sibling that differs gets a
-trace of its own. The stamped copies are then written out again, one per call, so the graph has exactly
+the class of sibling submodules that are structurally one block (same submodule types, same parameter and
+buffer shapes) is marked as ``torch.compiler.nested_compile_region`` while dynamo traces, so dynamo traces
+the block once and stamps it onto its siblings. Dynamo decides a reuse by the block's guards re-evaluated
+against each sibling (the attributes and tensors the trace read, its inputs' sizes and dtypes), never by
+names; a sibling that differs gets a trace of its own. Dynamo does not check which module class sits at a
+path, so a class is marked only if all its instances have the same submodule types at each path, and
+capture (fxbt/capture.py) traces every block again where a graph with reused blocks fails a check. The stamped copies are then written out again, one per call, so the graph has exactly
 the nodes a trace of every copy would have, and `unroll` and the report stay per block.
 
 The trace runs through dynamo's ``fullgraph_capture`` (not ``torch._dynamo.export``, which switches
@@ -34,12 +36,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str],
     """The model's graph on the example, repeated blocks traced once where dynamo can reuse them (``reuse``).
 
     ``names`` name the placeholders, one per leaf of ``(args, kwargs)``."""
-    with _repeated_blocks_marked(model, reuse) as marked, _storage_of_their_own(model):
-        for grad in ((False, True) if marked else ()):
-            try:
-                return _capture(model, args, kwargs, names, grad)
-            except Exception:  # noqa: BLE001 - a block dynamo cannot trace as a region: next way
-                pass
+    with _repeated_blocks_marked(model, reuse) as marked:
+        if marked:
+            with _storage_of_their_own(model):
+                for grad in (False, True):
+                    try:
+                        return _capture(model, args, kwargs, names, grad)
+                    except Exception:  # noqa: BLE001 - a block dynamo cannot trace as a region: next way
+                        pass
     return _capture(model, args, kwargs, names, False)
 
 
