@@ -37,7 +37,7 @@ class CallSpec:
         params = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         defaults = {p.name: p.default for p in sig.parameters.values() if p.default is not p.empty}
         leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        names = leaf_names(params, args, kwargs)
+        names = _leaf_names(params, args, kwargs)
         examples = [("tensor", x.dim(), x.dtype, x.device) if isinstance(x, torch.Tensor) else ("value", x)
                     for x in leaves]
         var_keyword = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
@@ -84,7 +84,7 @@ class CallSpec:
         return bound
 
 
-def leaf_names(params, args, kwargs) -> list[str]:
+def _leaf_names(params, args, kwargs) -> list[str]:
     names = []
     for name, value in list(zip(params, args)) + list(kwargs.items()):
         count = len(pytree.tree_leaves(value))

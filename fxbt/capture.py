@@ -342,12 +342,9 @@ def _undo_hf_patches(tracer_cls):
 def _dynamo(model, args, kwargs, reuse: bool = True):
     """Dynamo's graph, repeated blocks traced once where ``reuse`` (fxbt/dynamo_frontend.py);
     ``torch._dynamo.export`` where that capture fails."""
-    from .calling import leaf_names
-
-    params = [p.name for p in inspect.signature(model.forward).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = CallSpec.of(model, args, kwargs).leaf_names
     try:
-        return dynamo_frontend.capture(model, args, kwargs, leaf_names(params, args, kwargs), reuse), ()
+        return dynamo_frontend.capture(model, args, kwargs, names, reuse), ()
     except Exception as e:  # noqa: BLE001 - export below reports its own failure
         log.info("fxbt: dynamo capture with block reuse failed, trying torch._dynamo.export: %s", e)
     return _dynamo_export(model, args, kwargs), ()

@@ -7,8 +7,9 @@ the block once and stamps it onto its siblings. Dynamo decides a reuse by the bl
 against each sibling (the attributes and tensors the trace read, its inputs' sizes and dtypes), never by
 names; a sibling that differs gets a trace of its own. Dynamo does not check which module class sits at a
 path, so a class is marked only if all its instances have the same submodule types at each path, and
-capture (fxbt/capture.py) traces every block again where a graph with reused blocks fails a check. The stamped copies are then written out again, one per call, so the graph has exactly
-the nodes a trace of every copy would have, and `unroll` and the report stay per block.
+capture (fxbt/capture.py) traces every block again where a graph with reused blocks fails a check. The
+stamped copies are then written out again, one per call, so the graph has exactly the nodes a trace of
+every copy would have, and `unroll` and the report stay per block.
 
 The trace runs through dynamo's ``fullgraph_capture`` (not ``torch._dynamo.export``, which switches
 reuse off and builds a guard function fxbt never calls), and its graph is brought to fxbt's calling
@@ -69,12 +70,12 @@ def _repeated_blocks_marked(model: torch.nn.Module, reuse: bool = True):
 def _storage_of_their_own(model: torch.nn.Module):
     """Parameters that are views into one storage (an encoder's Q, K and V weights after fxbt packed them)
     get copies of their own while dynamo traces: it declines to reuse a block whose inputs alias."""
-    seen, shared = {}, []
+    seen, shared = set(), []
     for p in model.parameters():
         key = (p.device, p.untyped_storage().data_ptr())
         if key in seen and p.numel():
             shared.append((p, p.data))
-        seen.setdefault(key, p)
+        seen.add(key)
     with torch.no_grad():
         for p, data in shared:
             p.data = data.clone()
@@ -200,8 +201,12 @@ def _inline_regions(gm: torch.fx.GraphModule) -> tuple[int, int]:
 
 
 def _adopt(gm: torch.fx.GraphModule, value, name: str) -> None:
+    """Give ``gm`` a body's attribute under the body's name (dynamo names them in one namespace); a clash
+    would make the copied ``get_attr`` read something else, so it fails the capture instead."""
     if not hasattr(gm, name):
         setattr(gm, name, value)
+    elif getattr(gm, name) is not value:
+        raise RuntimeError(f"a region's attribute {name!r} clashes with the graph's own")
 
 
 def _to_convention(gm: torch.fx.GraphModule, names: list[str], lifted: list, meta) -> None:
