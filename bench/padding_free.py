@@ -8,6 +8,8 @@ Workloads (random weights from configs, no hub):
 - albert (gelu_new), clip (CLIP text), t5 (T5 encoder), roformer: BERT-base-like sizes, batch 8, sequence 128;
 - gpt2: GPT-2 small (its linears run on [batch·sequence, features]) used as an embedder, batch 8, sequence 128,
   left padding;
+- bloom: BLOOM (ALiBi; attention on [batch·heads, sequence, head dim]) of BERT-base sizes as an embedder, batch 8,
+  sequence 128, left padding;
 - bert-train: one BERT-base training step (forward + backward, dropout on), batch 8, sequence 128.
 
     python bench/padding_free.py --workload bert --padding 0 0.25 0.5 0.75 [--repeats 5] [--threads N] [--out F.json]
@@ -42,6 +44,7 @@ MODELS = {  # name -> (model class, config class, config, batch, seq, padding si
            "right"),
     "roformer": ("RoFormerModel", "RoFormerConfig", BASE, 8, 128, "right"),
     "gpt2": ("GPT2Model", "GPT2Config", dict(n_embd=768, n_layer=12, n_head=12, n_positions=256), 8, 128, "left"),
+    "bloom": ("BloomModel", "BloomConfig", dict(hidden_size=768, n_layer=12, n_head=12), 8, 128, "left"),
 }
 
 

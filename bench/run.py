@@ -440,6 +440,9 @@ PADDING_FREE = {
                  "'over sdpa' is over its default, eager)", "over_sdpa", {0.5: 1.7}),
     "gpt2": ("GPT-2 small as an embedder (linears on [batch·sequence, features]), batch 8, sequence 128, left "
              "padding", "over_sdpa", {}),
+    "bloom": ("BLOOM (ALiBi, attention on [batch·heads, sequence, head dim]) of BERT-base sizes as an embedder, "
+              "batch 8, sequence 128, left padding (no sdpa in transformers: 'over sdpa' is over eager)", "over_sdpa",
+              {}),
     "bert-train": ("BERT-base training step (forward + backward, dropout on), batch 8, sequence 128", "over_eager",
                    {0.5: 1.6}),
 }

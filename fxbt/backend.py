@@ -11,6 +11,8 @@ here too (`compile_route`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.fx
 
@@ -80,10 +82,11 @@ def fxbt_inductor_backend(gm: torch.fx.GraphModule, example_inputs):
     return compile_fx(rewritten, example_inputs)
 
 
-def compile_route(forward, options, sink: list):
-    """A model's own ``forward`` compiled with the fxbt backend: for calls no captured graph can serve."""
+def compile_route(forward, options, sink: list, reason: Callable[[], str]):
+    """A model's own ``forward`` compiled with the fxbt backend: for calls no captured graph can serve.
+    ``reason()`` says, when dynamo hands a graph over, what kind of call it is for."""
     def backend(gm, example_inputs):
         return rewrite(gm, example_inputs, options.patterns, {"encoder_impl": options.encoder_impl}, sink,
-                       reason="a call with a KV cache (torch.compile)").forward
+                       reason=reason()).forward
 
     return torch.compile(forward, backend=backend, dynamic=True)

@@ -10,6 +10,7 @@ class CaptureError(FxbtError):
 
     def __init__(self, reasons: dict[str, str], training: bool = False, blocker: str | None = None):
         self.reasons = dict(reasons)
+        self.training = training
         self.blocker = blocker  # the line of model code capture stopped at, where one was found
         lines = "\n".join(f"  - {name}: {why}" for name, why in reasons.items())
         if training:

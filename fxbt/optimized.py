@@ -11,8 +11,9 @@ Each call is served by a `Specialization` whose guards it passes (fxbt/guards.py
 that none covers gets a new one, captured, rewritten and verified on that call, kept in a bounded cache and
 listed in the report with the reason it was made. Calls that pass or ask for a KV cache (objects no
 captured graph takes or returns) run through ``torch.compile`` with the fxbt backend, whose dynamo guards
-cover them. A call that cannot be captured, or whose optimized graph raises, runs the model's own forward;
-the report counts those calls and says why.
+cover them; so do calls no frontend captures as one graph (a branch on tensor values: dynamo breaks the graph
+there and runs the branch in Python), unless the caller chose a frontend. A call whose optimized graph
+raises runs the model's own forward; the report counts those calls and says why.
 """
 from __future__ import annotations
 
@@ -95,9 +96,11 @@ class Optimized:
         self.specializations: list[Specialization] = []  # most recently used first
         self.history: list[str] = []  # every specialization made, and every one dropped, with the reason
         self.refused: dict[tuple, str] = {}  # call kinds no graph can be captured for: the model's own forward
+        self.uncaptured: dict[tuple, str] = {}  # call kinds no one graph captures: torch.compile, and why
         self.original_calls: Counter = Counter()  # reason -> calls run by the model's own forward
         self.compiled = None  # torch.compile route for calls with KV caches
         self.compiled_reports: list = []
+        self.compile_reason = ""  # what the calls now going through torch.compile are (their graphs' reports)
         self._lock = threading.RLock()
 
     # -- the call ------------------------------------------------------------------------------
@@ -105,7 +108,9 @@ class Optimized:
         bound = self.signature.bind(args, kwargs)
         key = call_key(bound, self.modules)
         if is_opaque(key) or bound.get("use_cache") is True:
-            return self._compiled_call(args, kwargs)
+            return self._compiled_call(args, kwargs, "a call with a KV cache")
+        if key in self.uncaptured:
+            return self._compiled_call(args, kwargs, self.uncaptured[key])
         if key in self.refused:
             return self._original(args, kwargs, self.refused[key])
         leaves = pytree.tree_leaves(bound)
@@ -113,7 +118,7 @@ class Optimized:
         if spec is None:
             spec = self._specialize(key, bound, leaves)
             if spec is None:
-                return self._original(args, kwargs, self.refused[key])
+                return self.forward(*args, **kwargs)  # refused or uncaptured now
         try:
             return spec.run(leaves)
         except FxbtError:
@@ -146,8 +151,9 @@ class Optimized:
             try:
                 spec = build(self.model, bound, key, self.options, reason)
             except CaptureError as e:
-                self.refused[key] = f"no specialization could be captured for this kind of call ({e.short()})"
-                self.history.append(f"refused: {reason}: {e.short()}")
+                if not self._compile_instead(key, e):
+                    self.refused[key] = f"no specialization could be captured for this kind of call ({e.short()})"
+                    self.history.append(f"refused: {reason}: {e.short()}")
                 return None
             self.specializations.insert(0, spec)
             self.history.append(f"specialization made: {reason}")
@@ -178,10 +184,27 @@ class Optimized:
         if is_opaque(key):
             raise InputError("the example inputs hold objects no captured graph can take (a KV cache?); "
                              "optimize with tensor inputs: calls with a cache run through torch.compile")
-        spec = build(self.model, bound, key, self.options, reason)
+        try:
+            spec = build(self.model, bound, key, self.options, reason)
+        except CaptureError as e:
+            if not self._compile_instead(key, e):
+                raise
+            with torch.no_grad():  # compiled, rewritten and verified now, as a specialization would be
+                self._compiled_call(example_args, example_kwargs, self.uncaptured[key])
+            return None
         self.specializations.insert(0, spec)
         self.history.append(f"specialization made: {reason}")
         return spec
+
+    def _compile_instead(self, key, error: CaptureError) -> bool:
+        """Calls of this kind go through torch.compile, which breaks the graph where one graph cannot be
+        captured; not where the caller chose a frontend, or for a model in training mode (eval() is the fix)."""
+        if self.options.frontend is not None or error.training:
+            return False
+        where = f"blocked at {error.blocker}" if error.blocker else error.short()
+        self.uncaptured[key] = f"a call no frontend captures as one graph ({where}); dynamo breaks the graph there"
+        self.history.append(f"no one graph: {error.short()}; calls of this kind run through torch.compile")
+        return True
 
     # -- the other routes ------------------------------------------------------------------------
     def _original(self, args, kwargs, why: str):
@@ -191,11 +214,13 @@ class Optimized:
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
 
-    def _compiled_call(self, args, kwargs):
+    def _compiled_call(self, args, kwargs, why: str):
+        self.compile_reason = why
         if self.compiled is None:
             from .backend import compile_route
 
-            self.compiled = compile_route(self.own_forward, self.options, self.compiled_reports)
+            self.compiled = compile_route(self.own_forward, self.options, self.compiled_reports,
+                                          lambda: self.compile_reason)
         try:
             return self.compiled(*args, **kwargs)
         except FxbtError:

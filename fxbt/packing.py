@@ -6,7 +6,9 @@ axes somewhere in its shape ([b, s, e] for hidden states, [b, h, s, d] between t
 its packed form is always [T] followed by its other axes in order, T the number of real tokens. `pack`
 gathers the real tokens of a tensor (a size-1 token axis broadcasts), `unpack` scatters them back with zeros
 at padded positions, `logical_size` answers size queries for the padded tensor a packed one stands for. Token
-axes given as one axis twice (b_axis == s_axis) are merged: one axis of batch·sequence, batch outer.
+axes given as one axis twice (b_axis == s_axis) are merged: one axis of batch·sequence, batch outer. Between
+the head split and attention a value may hold batch·heads in one axis ([b·h, s, d], batch outer): its packed
+form is that of [b, h, s, d], [T, h, d].
 All of it is made of differentiable ops.
 """
 from __future__ import annotations
@@ -74,13 +76,18 @@ def unpack(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> to
     return full.permute(order)
 
 
-def logical_size(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int, dim=None):
-    """``size()`` / ``size(dim)`` of the padded tensor that ``packed`` stands for."""
+def logical_size(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int, dim=None, heads: int = 1):
+    """``size()`` / ``size(dim)`` of the padded tensor that ``packed`` stands for (``heads`` > 1: its batch axis
+    holds batch·heads, the packed one an axis of the heads in its place)."""
     sizes = list(packed.shape[1:])
     if b_axis == s_axis:
         sizes.insert(b_axis, tokens.batch * tokens.seq)
-    for axis, size in sorted(((b_axis, tokens.batch), (s_axis, tokens.seq))) if b_axis != s_axis else ():
-        sizes.insert(axis, size)
+    elif heads > 1:
+        sizes.insert(s_axis, tokens.seq)
+        sizes[b_axis] = tokens.batch * heads
+    else:
+        for axis, size in sorted(((b_axis, tokens.batch), (s_axis, tokens.seq))):
+            sizes.insert(axis, size)
     if dim is None:
         return torch.Size(sizes)
     return sizes[dim]

@@ -21,6 +21,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx
 
@@ -28,7 +29,7 @@ from . import packing
 from .canon import canonical_op
 from .meta import TensorInfo, is_size_query
 from .region import boundary, metadata_stand_in, reads_metadata_only
-from .shapes import same, sym
+from .shapes import is_static, same, sym
 from .tokens import POSITIONWISE, padded_reads
 from .values import ValueKeys
 
@@ -55,6 +56,33 @@ _MODULES = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Dropout, torch.nn.GELU
             torch.nn.Softplus, torch.nn.LeakyReLU, torch.nn.Embedding, torch.nn.RMSNorm)
 
 
+class Axes(tuple):
+    """Where a value's token axes are: (batch axis, sequence axis). The same axis twice: one axis holds
+    batch·sequence, batch outer (GPT-2's linears on [b·s, e]). ``heads`` > 1: the batch axis holds batch·heads,
+    batch outer (the bmm layout [b·h, s, d]); the packed form keeps an axis of size ``heads`` in its place."""
+
+    heads: int
+
+    def __new__(cls, b: int, s: int, heads: int = 1):
+        axes = super().__new__(cls, (b, s))
+        axes.heads = heads
+        return axes
+
+    def __eq__(self, other):
+        return tuple.__eq__(self, other) and getattr(other, "heads", 1) == self.heads
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((tuple(self), self.heads))
+
+    @property
+    def dropped(self) -> frozenset:
+        """The padded axes the packed form has no axis for."""
+        return frozenset({self[1]} if self.heads > 1 else {self[0], self[1]})
+
+
 @dataclass
 class Region:
     """Nodes that run on packed tokens, for one pair of token axes."""
@@ -68,9 +96,9 @@ class Region:
     gathers: set = field(default_factory=set)  # (batch, sequence) index nodes picking positions after the region
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
 
-    def axes(self, node) -> tuple[int, int] | None:
-        """Where the token axes are in ``node``'s shape, when each appears exactly once; (m, m) where one axis m
-        holds both, batch outer (GPT-2's and OPT's linears on [batch·sequence, features])."""
+    def axes(self, node) -> Axes | None:
+        """Where the token axes are in ``node``'s shape, when each appears exactly once (`Axes`). Which order a
+        merged axis holds its factors in is not in the shape: the ops that make one prove it (`_segments`)."""
         shape = sym(node)
         if not isinstance(shape, tuple):
             return None
@@ -79,30 +107,48 @@ class Region:
             return parts.pop() if len(parts) == 1 else None
         return self._axes_of(shape)
 
-    def _axes_of(self, shape) -> tuple[int, int] | None:
+    def _axes_of(self, shape) -> Axes | None:
         found = []
         for size in (self.batch, self.seq):
             hits = [i for i, s in enumerate(shape) if same(s, size)]
             if len(hits) != 1:
                 return self._merged(shape) if not hits else None
             found.append(hits[0])
-        return found[0], found[1]
+        return Axes(found[0], found[1])
 
-    def _merged(self, shape) -> tuple[int, int] | None:
+    def _merged(self, shape) -> Axes | None:
         hits = [i for i, s in enumerate(shape) if same(s, self.batch * self.seq)]
-        if len(hits) != 1 or any(same(s, self.batch) or same(s, self.seq) for s in shape):
+        if any(same(s, self.batch) for s in shape):
             return None
-        return hits[0], hits[0]
+        if len(hits) == 1 and not any(same(s, self.seq) for s in shape):
+            return Axes(hits[0], hits[0])
+        seq = [i for i, s in enumerate(shape) if same(s, self.seq)]
+        heads = [(i, h) for i, h in enumerate(map(self._heads, shape)) if h]
+        if hits or len(seq) != 1 or len(heads) != 1:
+            return None
+        return Axes(heads[0][0], seq[0], heads[0][1])
+
+    def _heads(self, size) -> int | None:
+        """n > 1 where ``size`` is n·batch for every admitted batch (a static batch proves nothing)."""
+        return batch_multiple(size, self.batch)
+
+
+def batch_multiple(size, batch) -> int | None:
+    """n > 1 where ``size`` is n·``batch`` for every admitted size, ``batch`` symbolic."""
+    if is_static(batch) or is_static(size):
+        return None
+    factor, rest = sympy.sympify(size).as_coeff_Mul()  # cheap: called for every axis the region looks at
+    return int(factor) if factor.is_Integer and factor > 1 and same(rest, batch) else None
 
 
 def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region | str:
     """The nodes around ``attention`` (an attention region's call) that can run on packed tokens."""
-    q = _attention_operand(gm, attention, "q")
-    shape = sym(q) if q is not None else None
-    if not isinstance(shape, tuple) or len(shape) != 4:
-        return "its queries are not [batch, heads, sequence, head dim]"
-    region = Region(shape[0], shape[2])
-    if region.axes(q) != (0, 2):
+    q = attention_operand(gm, attention, "q")
+    grid = _query_grid(sym(q) if q is not None else None)
+    if grid is None:
+        return "its queries are not [batch, heads, sequence, head dim] or [batch·heads, sequence, head dim]"
+    region = Region(*grid)
+    if not _attention_layout(region.axes(q), len(sym(q))):
         return "the batch and sequence sizes of its queries are not two sizes apart from the others"
     region.nodes = _connected(gm, attention, region)
     while _prune(gm, region) | _prune_padded_reads(gm, region) | _prune_reentry(region):
@@ -112,6 +158,25 @@ def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region |
         return region.why_not.get(attention, "it cannot run on packed tokens")
     _add_size_queries(region)
     return region
+
+
+def _query_grid(shape) -> tuple | None:
+    """(batch, sequence) of an attention's queries: [b, h, s, d], or [b·h, s, d] with a symbolic batch (the
+    batch is the size's symbolic factor; `Region.axes` then proves the layout)."""
+    if not isinstance(shape, tuple) or len(shape) not in (3, 4):
+        return None
+    if len(shape) == 4:
+        return shape[0], shape[2]
+    heads, batch = sympy.sympify(shape[0]).as_coeff_Mul()
+    return (batch, shape[1]) if heads.is_Integer and heads > 1 and not is_static(batch) else None
+
+
+def _attention_layout(axes, rank: int, transposed: bool = False) -> bool:
+    """An attention operand's token axes: [batch, heads, sequence, head dim] or [batch·heads, sequence, head
+    dim]; the sequence last for keys stored transposed."""
+    if axes is None or axes[0] != 0 or axes[1] != rank - (1 if transposed else 2):
+        return False
+    return rank == 4 and axes.heads == 1 or rank == 3 and axes.heads > 1
 
 
 # --- growing ------------------------------------------------------------------------------------------
@@ -142,7 +207,7 @@ def _syntactic(gm, node, region: Region) -> str | None:
         return "does not carry the batch and sequence axes"
     if _kind(gm, node) is None:
         return f"{_name(node)} has no packed form"
-    if any(is_attention(gm, u) and node not in [_attention_operand(gm, u, n) for n in ("q", "k", "v")]
+    if any(is_attention(gm, u) and node not in [attention_operand(gm, u, n) for n in ("q", "k", "v")]
            for u in node.users):
         return "it is part of an attention's mask, which the padded call computes"
     return None
@@ -254,15 +319,16 @@ def _fits(gm, node, region: Region) -> str | None:
 
 
 def _attention_fits(gm, node, region: Region) -> str | None:
-    attention = gm.get_submodule(node.target)
-    if attention.params.get("k_transposed"):
-        return "its keys are stored transposed"
+    transposed = bool(gm.get_submodule(node.target).params.get("k_transposed"))
+    ranks = set()
     for name in ("q", "k", "v"):
-        operand = _attention_operand(gm, node, name)
-        if operand not in region.nodes or region.axes(operand) != (0, 2) or len(sym(operand)) != 4:
+        operand = attention_operand(gm, node, name)
+        if operand not in region.nodes or not _attention_layout(region.axes(operand), len(sym(operand)),
+                                                                 transposed and name == "k"):
             return f"its {'queries' if name == 'q' else 'keys' if name == 'k' else 'values'} do not run on " \
                    "packed tokens"
-    return None
+        ranks.add(len(sym(operand)))
+    return None if len(ranks) == 1 else "its queries, keys and values merge the heads differently"
 
 
 def _last_dim_only(node) -> str | None:
@@ -319,6 +385,10 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.nodes.discard(node)
             region.why_not[node] = "its output's batch and sequence axes cannot be told apart"
             return True
+        if axes.heads > 1:  # which batch·heads order it leaves in is proven inside the region only
+            region.nodes.discard(node)
+            region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
+            return True
         reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes, gathers=True)
         picking = set().union(*(_ancestors_in(index, region.nodes) for pair in reads.gathers for index in pair))
         if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
@@ -359,7 +429,7 @@ def _padded_cone(gm, node, region: Region) -> set:
             continue
         cone.add(n)
         if is_attention(gm, n):
-            frontier.append(_attention_operand(gm, n, "q"))
+            frontier.append(attention_operand(gm, n, "q"))
         else:
             frontier.extend(n.all_input_nodes)
     return cone
@@ -453,10 +523,12 @@ def packed_graph(gm: torch.fx.GraphModule, region: Region, seed: torch.fx.Node, 
     """The region's nodes written again on packed tokens; the graph returns the region's outputs padded again
     (zeros at padded positions), then the call's `packing.Tokens`.
 
-    ``make_tokens(seed_region, seed_args, batch, seq, reads, gathers)`` computes the call's Tokens from the seed
-    attention's mask (its arguments computed inside the region are None there), keeping the fixed positions
-    ``reads`` and the positions the (batch index, sequence index) pairs ``gathers`` pick; ``attention(tokens, region, args)`` runs one
-    attention region on packed q, k and v. Raises ValueError for a node with no packed form."""
+    ``make_tokens(seed_region, seed_args, batch, seq, reads, gathers, heads)`` computes the call's Tokens from the
+    seed attention's mask (its arguments computed inside the region are None there), keeping the fixed positions
+    ``reads`` and the positions the (batch index, sequence index) pairs ``gathers`` pick;
+    ``attention(tokens, region, args, heads)`` runs one attention region on packed q, k and v. ``heads`` is the
+    number of heads an attention's operands merge into their batch axis ([b·h, s, d]; 1 for [b, h, s, d]): its
+    mask is built over that layout. Raises ValueError for a node with no packed form."""
     return _Builder(gm, region).build(seed, make_tokens, attention)
 
 
@@ -487,7 +559,7 @@ class _Builder:
                 self._input(index)
         gathers = tuple((self.env[b], self.env[s]) for b, s in gathers)
         self.tokens = self.graph.call_function(make_tokens, (self.graph.get_attr(seed.target), seed_args, batch, seq,
-                                                              reads, gathers))
+                                                              reads, gathers, _merged_heads(self.gm, seed, self.region)))
         for node in nodes:
             self.env[node] = self._translate(node, attention)
         outputs = [n for n in nodes if any(u not in self.region.nodes and not _served_by_input(u, n, self.region,
@@ -520,7 +592,7 @@ class _Builder:
         """The batch and sequence sizes at run time, read off a value entering the region with both axes."""
         for node in self.inputs:
             axes = self.region.axes(node) if _is_tensor(node) else None
-            if axes is not None and not _is_merged(axes):
+            if axes is not None and not _is_merged(axes) and axes.heads == 1:
                 size = self.graph.call_method("size", (self.env[node],))
                 return (self.graph.call_function(operator.getitem, (size, axes[0])),
                         self.graph.call_function(operator.getitem, (size, axes[1])))
@@ -545,9 +617,9 @@ class _Builder:
             return self._with_dims(node)
         if kind == "getitem":
             index = _full_index(node.args[1], len(sym(node.args[0])))
-            b, s = self.region.axes(node.args[0])
+            dropped = self.region.axes(node.args[0]).dropped
             dims = itertools.accumulate((i is not None for i in index), initial=0)  # input axis of each entry
-            kept = tuple(i for d, i in zip(dims, index) if i is None or d not in (b, s))
+            kept = tuple(i for d, i in zip(dims, index) if i is None or d not in dropped)
             kept = torch.fx.node.map_arg(kept, lambda a: self.env[a])  # sizes in slices: ``qkv[..., e:2 * e]``
             return self.graph.call_function(operator.getitem, (self.env[node.args[0]], (slice(None),) + kept))
         if kind == "embedding":  # the token ids are packed, the table is read as it is
@@ -564,14 +636,15 @@ class _Builder:
     def _python(self, node):
         """A Python value: a size query of a packed value answers for the padded tensor it stands for."""
         if is_size_query(node) and node.args and node.args[0] in self.region.nodes and _is_tensor(node.args[0]):
-            b, s = self.region.axes(node.args[0])
+            axes = self.region.axes(node.args[0])
+            b, s = axes
             x = self.env[node.args[0]]
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
             if name in ("size", "sym_size", "int"):
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-                return self.graph.call_function(packing.logical_size, (x, self.tokens, b, s, dim))
+                return self.graph.call_function(packing.logical_size, (x, self.tokens, b, s, dim, axes.heads))
             if node.target is getattr and node.args[1] == "shape":
-                return self.graph.call_function(packing.logical_size, (x, self.tokens, b, s))
+                return self.graph.call_function(packing.logical_size, (x, self.tokens, b, s, None, axes.heads))
             if node.target is getattr:  # dtype, device
                 return self.graph.call_function(getattr, (x, node.args[1]))
             if name == "dim":
@@ -607,7 +680,8 @@ class _Builder:
         if not _is_tensor(a):
             return self.env[a]
         out = sym(node)
-        b, s = self.region.axes(node)
+        axes = self.region.axes(node)
+        b, s = axes
         shape = sym(a)
         rank = len(out) - (1 if drop_last else 0)
         padded = (1,) * (rank - len(shape)) + tuple(shape)
@@ -615,7 +689,7 @@ class _Builder:
             raise _NoPackedForm(f"operand {a.name} has more axes than the result")
         if same(padded[b], 1) and same(padded[s], 1):
             lead = rank - len(shape)
-            squeeze = sorted({d - lead for d in (b, s) if d >= lead})
+            squeeze = sorted({d - lead for d in axes.dropped if d >= lead})
             if not squeeze:
                 return self.env[a]
             return self.graph.call_function(_drop_axes, (self.env[a], tuple(squeeze)))
@@ -637,8 +711,9 @@ class _Builder:
             if target is None:
                 raise _NoPackedForm("a view as a tensor outside the region")
             return self.graph.call_method("reshape", (x, self.graph.call_method("size", (target,))))
-        out = sym(node)
-        rest = [self._size_arg(d, node) for d in range(len(out)) if d not in self.region.axes(node)]
+        out, axes = sym(node), self.region.axes(node)
+        rest = [axes.heads if d == axes[0] else self._size_arg(d, node) for d in range(len(out))
+                if d not in axes.dropped]
         lead = -1 if all(not (isinstance(v, int) and v == -1) for v in rest) else \
             self.graph.call_function(packing.token_count, (x,))
         return self.graph.call_method("reshape", (x, (lead, *rest)))
@@ -667,7 +742,8 @@ class _Builder:
 
     def _attention(self, node, attention):
         args = tuple(self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
-        return self.graph.call_function(attention, (self.tokens, self.graph.get_attr(node.target), args))
+        heads = _merged_heads(self.gm, node, self.region)
+        return self.graph.call_function(attention, (self.tokens, self.graph.get_attr(node.target), args, heads))
 
 
 # --- dims --------------------------------------------------------------------------------------------------
@@ -679,39 +755,40 @@ def _translate_dims(node, region: Region):
     name = _name(node)
     first = _join_inputs(node)[0] if _kind_name(name) == "join" else node.args[0]
     rank_in = len(sym(first))
-    b_in, s_in = region.axes(first)
-    packed_in = _packed_dims(rank_in, b_in, s_in)
+    axes_in = region.axes(first)
+    packed_in = _packed_dims(rank_in, axes_in)
     if name in ("transpose", "swapaxes", "t", "permute"):
         perm = _permutation(node, rank_in)
-        order = [packed_in[d] for d in perm if d not in (b_in, s_in)]
+        order = [packed_in[d] for d in perm if packed_in[d] is not None]
         if order == sorted(order):
             return None, (first,), {}
         return "permute", (first, (0, *order)), {}
     if name in ("unsqueeze",):
         rank_out = rank_in + 1
         d = _arg(node, 1, "dim") % rank_out
-        b_out, s_out = region.axes(node)
-        if d in (b_out, s_out):
+        axes_out = region.axes(node)
+        if d in axes_out:
             raise _NoPackedForm("it adds an axis where a token axis goes")
-        return "unsqueeze", (first, _packed_dims(rank_out, b_out, s_out)[d]), {}
+        return "unsqueeze", (first, _packed_dims(rank_out, axes_out)[d]), {}
     if name == "squeeze":
         dim = _arg(node, 1, "dim")
         if dim is None:
             raise _NoPackedForm("squeeze of every size-1 axis")
         dims = dim if isinstance(dim, (list, tuple)) else (dim,)
-        packed = tuple(packed_in[d % rank_in] for d in dims)
-        if any(p is None for p in packed):
+        if any(d % rank_in in axes_in for d in dims):
             raise _NoPackedForm("it squeezes a token axis")
+        packed = tuple(packed_in[d % rank_in] for d in dims)
         return "squeeze", (first, packed), {}
     if name in ("expand",):
         sizes = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) else node.args[1]
         if len(sizes) != rank_in:
             raise _NoPackedForm("expand to more axes")
-        return "expand", (first, (-1, *(v for d, v in enumerate(sizes) if d not in (b_in, s_in)))), {}
+        return "expand", (first, (-1, *(-1 if d in axes_in else v for d, v in enumerate(sizes)
+                                         if d not in axes_in.dropped))), {}
     if name in ("chunk", "split", "unbind"):
         index = {"chunk": 2, "split": 2, "unbind": 1}[name]
         dim = _arg(node, index, "dim", 0) % rank_in
-        if packed_in[dim] is None:
+        if dim in axes_in:
             raise _NoPackedForm(f"{name} along a token axis")
         args = list(node.args) + [None] * (index + 1 - len(node.args))
         args[index] = packed_in[dim]
@@ -721,15 +798,15 @@ def _translate_dims(node, region: Region):
         rank_out = len(sym(node))
         dim = _arg(node, 1, "dim", 0)
         if name == "stack":
-            b_out, s_out = region.axes(node)
+            axes_out = region.axes(node)
             d = dim % rank_out
-            if d in (b_out, s_out):
+            if d in axes_out:
                 raise _NoPackedForm("stack along a token axis")
-            packed_dim = _packed_dims(rank_out, b_out, s_out)[d]
+            packed_dim = _packed_dims(rank_out, axes_out)[d]
         else:
-            packed_dim = packed_in[dim % rank_in]
-            if packed_dim is None:
+            if dim % rank_in in axes_in:
                 raise _NoPackedForm("cat along a token axis")
+            packed_dim = packed_in[dim % rank_in]
         return node.target, (_join_inputs(node), packed_dim), {}
     raise _NoPackedForm(f"{name} has no packed form")
 
@@ -737,13 +814,18 @@ def _translate_dims(node, region: Region):
 def _segments(shape_in, axes_in, shape_out, axes_out) -> bool:
     """A reshape that keeps the token axes, in the same order, and reshapes only the axes before, between and
     after them, each group into one of the same size: on packed tokens it is a reshape of the other axes. It may
-    merge the two token axes into one (batch outer, nothing between them) or split such an axis."""
+    merge the two token axes into one (batch outer, nothing between them) or split such an axis, and merge the
+    sizes right after the batch axis into it (batch·heads, batch outer) or split them off again."""
     if axes_in is None or axes_out is None or (axes_in[0] <= axes_in[1]) != (axes_out[0] <= axes_out[1]):
         return False
 
     def groups(shape, axes):
         lo, hi = sorted(axes)
-        return shape[:lo], shape[lo + 1:hi], shape[hi + 1:]
+        parts = [tuple(shape[:lo]), tuple(shape[lo + 1:hi]), tuple(shape[hi + 1:])]
+        if axes.heads > 1:  # batch outer: the heads are the first size after the batch
+            after = 1 if axes[0] < axes[1] else 2
+            parts[after] = (axes.heads,) + parts[after]
+        return parts
 
     def product(sizes):
         out = 1
@@ -791,11 +873,11 @@ def _kind_name(name) -> str:
     return "join" if name in _JOIN else name
 
 
-def _packed_dims(rank, b, s) -> list:
-    """Axis d of the padded tensor -> its axis in the packed one (None for the token axes)."""
+def _packed_dims(rank, axes: Axes) -> list:
+    """Axis d of the padded tensor -> its axis in the packed one (None for the token axes it has none for)."""
     out, nxt = [], 1
     for d in range(rank):
-        if d in (b, s):
+        if d in axes.dropped:
             out.append(None)
         else:
             out.append(nxt)
@@ -860,8 +942,9 @@ def _alignable(operand, node, region: Region, drop_last=False) -> bool:
         return False
     padded = (1,) * (rank - len(shape)) + tuple(shape)
     b, s = axes
-    if b == s:  # a merged axis: its order is known inside the region only
-        return same(padded[b], 1) and not any(same(x, region.batch) or same(x, region.seq) for x in padded)
+    if b == s or axes.heads > 1:  # a merged axis: its order is known inside the region only
+        return all(same(padded[d], 1) for d in axes) and \
+            not any(same(x, region.batch) or same(x, region.seq) for x in padded)
     ok_b = same(padded[b], 1) or same(padded[b], region.batch)
     ok_s = same(padded[s], 1) or same(padded[s], region.seq)
     others = [padded[d] for d in range(rank) if d not in (b, s)]
@@ -885,7 +968,12 @@ def is_attention(gm, node) -> bool:
     return getattr(module, "kernel", None) == "sdpa" and "q" in getattr(module, "slots", {})
 
 
-def _attention_operand(gm, node, name):
+def _merged_heads(gm, attention, region: Region) -> int:
+    """How many heads an attention region's queries merge into their batch axis (1: none)."""
+    return region.axes(attention_operand(gm, attention, "q")).heads
+
+
+def attention_operand(gm, node, name):
     slot = gm.get_submodule(node.target).slots[name]
     return node.args[slot.index] if slot.index is not None else None
 

@@ -72,7 +72,7 @@ class ModelReport:
     reports: list[Report]  # specializations in use, most recently used first
     history: list[str] = field(default_factory=list)  # specializations made and dropped, with reasons
     original_calls: Counter = field(default_factory=Counter)  # reason -> calls the model's own forward ran
-    compiled: list[Report] = field(default_factory=list)  # graphs of calls with a KV cache (torch.compile)
+    compiled: list[Report] = field(default_factory=list)  # torch.compile's graphs (KV caches, uncaptured calls)
 
     @property
     def rows(self) -> list[Row]:
@@ -98,7 +98,7 @@ class ModelReport:
 
     def __str__(self) -> str:
         parts = [f"specialization {i + 1} of {len(self.reports)}: {r}" for i, r in enumerate(reversed(self.reports))]
-        parts += [f"graph {i + 1} from torch.compile (calls with a KV cache): {r}" for i, r in enumerate(self.compiled)]
+        parts += [f"graph {i + 1} from torch.compile: {r}" for i, r in enumerate(self.compiled)]
         if not parts:
             parts.append("no graph yet: the first call is captured")
         if self.original_calls:

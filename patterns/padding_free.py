@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from fxbt.canon import origin
 from fxbt.packing import Tokens
-from fxbt.padding import is_attention, packed_graph, token_region
+from fxbt.padding import attention_operand, is_attention, packed_graph, token_region
 from fxbt.pattern import Accept, Decline, Rule
 from fxbt.region import UseOriginal, absorb_size_computations, slot_value
+from fxbt.shapes import sym
 from fxbt.verify import run_without_dropout, verifying
 
 from .attention import (MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, check_padded_keys,
@@ -78,11 +79,12 @@ def _real_at(tokens: Tokens, axes, rank: int) -> torch.Tensor:
 # --- real tokens, from the seed attention's mask -------------------------------------------------------
 
 
-def real_tokens(seed, args, batch: int, seq: int, reads=(), gathers=()) -> Tokens:
+def real_tokens(seed, args, batch: int, seq: int, reads=(), gathers=(), merged_heads=1) -> Tokens:
     """The call's real tokens: the key columns the seed attention's mask does not mask for every query."""
     if batch * seq == 0:
         raise UseOriginal("an empty batch or sequence")
-    mask = _mask_of(seed, _arguments(seed, args), (batch, 1, seq, seq))
+    mask = _mask_of(seed, _arguments(seed, args), _scores_shape(batch, seq, 1, merged_heads))
+    mask = _by_sequence(mask, batch, merged_heads)
     keep = real_columns(mask, batch, seq)
     if keep is None and verifying():  # an example with no padding still verifies the packed path
         keep = torch.ones(batch, seq, dtype=torch.bool, device=mask.device)
@@ -107,9 +109,28 @@ def real_columns(mask, batch: int, seq: int) -> torch.Tensor | None:
     if masked.shape[-1] != seq:
         raise UseOriginal("the attention mask does not cover every key")
     keep = ~masked.all(-2).all(-2).expand(batch, seq)
-    if not bool(keep.any()):
-        raise UseOriginal("no token is real")
+    if not bool(keep.any(-1).all()):  # what the original computes for it (NaN under -inf masks) is its own
+        raise UseOriginal("a sequence has no real token")
     return None if bool(keep.all()) else keep
+
+
+def _scores_shape(batch: int, seq: int, heads: int, merged_heads: int) -> tuple:
+    """The padded scores a mask is built over: [b, h, s, s], or [b·h, s, s] for an attention whose operands merge
+    ``merged_heads`` > 1 heads into their batch axis."""
+    return (batch, heads, seq, seq) if merged_heads == 1 else (batch * merged_heads, seq, seq)
+
+
+def _by_sequence(mask, batch: int, heads: int):
+    """A mask over [b·h, q, k] scores (``heads`` > 1) as [b, h, q, k]: batch outer, as the region proved its
+    queries are."""
+    if mask is None or heads == 1:
+        return mask
+    mask = mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
+    if mask.shape[0] == 1:
+        return mask.unsqueeze(0)
+    if mask.shape[0] != batch * heads:
+        raise UseOriginal("the attention mask does not broadcast over batch·heads")
+    return mask.reshape(batch, heads, *mask.shape[1:])
 
 
 # --- attention, per sequence ---------------------------------------------------------------------------
@@ -153,14 +174,16 @@ def _mask_of(region, kwargs, scores_shape):
     return mask_from(*_mask_inputs(region, kwargs), scores_shape)
 
 
-def _shared_mask(tokens: Tokens, region, kwargs, scores_shape):
-    """The attention's mask over the padded grid; attentions building theirs by the same program from the same
-    tensors share one within a call (T5's layers all add the first layer's position bias), and so share its
-    restriction to the real tokens (`_restricted_masks`)."""
+def _shared_mask(tokens: Tokens, region, kwargs, heads: int, merged_heads: int):
+    """The attention's mask over the padded grid, [b or 1, h or 1, q, k]; attentions building theirs by the same
+    program from the same tensors share one within a call (T5's layers all add the first layer's position bias),
+    and so share its restriction to the real tokens (`_restricted_masks`)."""
     program, terms = _mask_inputs(region, kwargs)
-    key = ("built", _hashable(program), tuple(map(_hashable, terms)), tuple(scores_shape))
+    scores_shape = _scores_shape(tokens.batch, tokens.seq, heads, merged_heads)
+    key = ("built", _hashable(program), tuple(map(_hashable, terms)), scores_shape)
     if key not in tokens.cache:
-        tokens.cache[key] = (terms, mask_from(program, terms, scores_shape))  # the terms live as long as their ids
+        mask = _by_sequence(mask_from(program, terms, scores_shape), tokens.batch, merged_heads)
+        tokens.cache[key] = (terms, mask)  # the terms live as long as their ids
     return tokens.cache[key][1]
 
 
@@ -175,9 +198,9 @@ def _hashable(value):
     return value
 
 
-def _attention_spec(tokens: Tokens, region, args, scores_shape) -> _Spec:
+def _attention_spec(tokens: Tokens, region, args, heads: int, merged_heads: int) -> _Spec:
     kwargs = _arguments(region, args)
-    mask, p = _shared_mask(tokens, region, kwargs, scores_shape), region.params
+    mask, p = _shared_mask(tokens, region, kwargs, heads, merged_heads), region.params
     scale = p["scale"]
     if region.replacement is sdpa_attention:
         for term, power in zip(kwargs.get("scale_terms", ()), p["scale_powers"]):
@@ -189,10 +212,11 @@ def _attention_spec(tokens: Tokens, region, args, scores_shape) -> _Spec:
     return _Spec(mask, p["is_causal"], scale, 0.0 if verifying() else p["dropout_p"], p["enable_gqa"], None)
 
 
-def per_sequence_attention(tokens: Tokens, region, args):
-    """One attention region on packed q, k, v ([T, heads, head dim]): each sequence on its real tokens."""
+def per_sequence_attention(tokens: Tokens, region, args, merged_heads: int = 1):
+    """One attention region on packed q, k, v ([T, heads, head dim]): each sequence on its real tokens.
+    ``merged_heads`` > 1: the padded operands merge that many heads into their batch axis ([b·h, s, d])."""
     q, k, v = (slot_value(region.slots[n], args) for n in ("q", "k", "v"))
-    spec = _attention_spec(tokens, region, args, (tokens.batch, q.shape[1], tokens.seq, tokens.seq))
+    spec = _attention_spec(tokens, region, args, q.shape[1], merged_heads)
     masks = _restricted_masks(tokens, spec)
     outs = []
     for (start, n), (mask, causal) in zip(zip(tokens.offsets(), tokens.lengths()), masks):
@@ -333,6 +357,8 @@ def _key_padding(gm, seed, region, packed) -> dict | str:
     the seed attention's mask as inputs of the region (positions in its inputs, or constants) with its program."""
     if not region.key_readers:
         return {}
+    if len(sym(attention_operand(gm, seed, "q"))) != 4:  # its mask is over [b·h, q, k]: see _by_sequence
+        return "an attention after it reads it as keys, and its mask is over batch·heads"
     program, _ = _mask_source(gm.get_submodule(seed.target))
     terms = _mask_terms(gm, seed)
     if any(isinstance(t, torch.fx.Node) and t not in packed.inputs for t in terms):

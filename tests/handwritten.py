@@ -142,10 +142,65 @@ class EinsumHeadsThird(nn.Module):
         return self.o(out.reshape(b, s, DIM))
 
 
-STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery, EinsumHeadsThird]
+class FairseqTimeFirst(nn.Module):
+    """fairseq's layout: time first ([s, b, e]), heads merged into the batch by ``view(s, b·h, d).transpose(0, 1)``,
+    Q scaled before the bmm, the key-padding mask applied on a [b, h, s, s] view of the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+
+    def forward(self, x, mask):
+        x = x.transpose(0, 1)
+        s, b, e = x.shape
+        h, d = HEADS, DIM // HEADS
+        q = (self.q(x) * d**-0.5).contiguous().view(s, b * h, d).transpose(0, 1)
+        k = self.k(x).contiguous().view(-1, b * h, d).transpose(0, 1)
+        v = self.v(x).contiguous().view(-1, b * h, d).transpose(0, 1)
+        scores = torch.bmm(q, k.transpose(1, 2)).view(b, h, s, s)
+        scores = scores.masked_fill((mask == 0)[:, None, None, :], float("-inf")).view(b * h, s, s)
+        out = torch.bmm(F.softmax(scores, dim=-1), v).transpose(0, 1).contiguous().view(s, b, e)
+        return self.o(out).transpose(0, 1)
+
+
+STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery, EinsumHeadsThird,
+          FairseqTimeFirst]
+MASKED_STYLES = [s for s in STYLES if s is not NanoGPTCausal]  # nanoGPT's attention is causal only
+
+
+class Residual(nn.Module):
+    """Blocks of one style, each reading the [batch, seq] mask, with residuals and layer norms between them."""
+
+    def __init__(self, style, layers=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(style() for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(DIM) for _ in range(layers))
+
+    def forward(self, x, mask):
+        for block, norm in zip(self.blocks, self.norms):
+            x = norm(x + block(x, mask))
+        return x
 
 
 # --- near misses: they look like attention, and are not (or not rewritable as SDPA) -----------------
+
+
+class BmmHeadsOuter(BmmMaskedFill):
+    """Near-miss twin of `BmmMaskedFill` for padding removal: the bmm layout merges heads·batch, heads outer. Still
+    attention, but its batch axis is not batch-outer: packed tokens would mix sequences."""
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        h, d = HEADS, DIM // HEADS
+
+        def split(t):
+            return t.view(b, s, h, d).permute(2, 0, 1, 3).reshape(h * b, s, d)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(d)
+        keep = mask[None, :, None, :].expand(h, b, 1, s).reshape(h * b, 1, s).bool()
+        out = torch.bmm(F.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1), v)
+        return self.o(out.view(h, b, s, d).permute(1, 2, 0, 3).reshape(b, s, DIM))
 
 
 class SoftmaxOverQueries(BmmMaskedFill):

@@ -58,8 +58,8 @@ def test_graph_breaks_each_graph_is_rewritten():
     model = Broken().eval()
     before = len(reports())
     x, mask = inputs(3, 9)
-    with torch.inference_mode():
-        assert max_error(model(x, mask), _compile(model)(x, mask)) < 1e-5
+    with torch.inference_mode():  # each graph's stack is padding-free: zeros at padded positions
+        assert ((model(x, mask) - _compile(model)(x, mask)).abs() * mask[..., None]).max().item() < 1e-5
     new = reports()[before:]
     assert len(new) == 2 and all(len(r.rewritten("sdpa")) == 1 for r in new)
 

@@ -21,7 +21,7 @@ PASS = ["softmax_attention", "existing_sdpa", "padding_free"]
 DYNAMO = {"frontend": "dynamo"}
 STACKS = [("bert", "eager", False), ("bert", "sdpa", True), ("distilbert", "eager", True), ("albert", "eager", False),
           ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "eager", True), ("clip-text", "eager", False),
-          ("gpt2", "sdpa", True), ("opt", "eager", False), ("xlm", "eager", False)]
+          ("gpt2", "sdpa", True), ("opt", "eager", False), ("xlm", "eager", False), ("bloom", "eager", True)]
 
 
 def _padding_free(opt):
@@ -42,6 +42,40 @@ def test_whole_stack_runs_on_real_tokens(name, attn, left):
         assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
     with torch.no_grad():
         assert torch.equal(fxbt.unroll(opt)(**probe)[0], reference(model, probe)[0])
+
+
+def _masked_error(model, opt, x, mask) -> float:
+    with torch.no_grad():
+        return ((model(x, mask) - opt(x, mask)).abs() * mask[..., None]).max().item()
+
+
+@pytest.mark.parametrize("style", handwritten.MASKED_STYLES, ids=lambda s: s.__name__)
+def test_every_masked_handwritten_style_runs_on_real_tokens(style):
+    """Whatever the layout of its heads ([b·h, s, d] for bmm, keys stored transposed, heads third)."""
+    torch.manual_seed(0)
+    model = handwritten.Residual(style).eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS, **DYNAMO)
+    rows = fxbt.report(opt).rewritten("padding_free")
+    assert len(rows) == 1 and "2 attentions" in rows[0].reason, str(fxbt.report(opt))
+    for batch, seq, seed in [(4, 11, 3), (2, 6, 4)]:
+        x, mask = handwritten.inputs(batch, seq, seed=seed)
+        for probe in (mask, mask.flip(1)):  # right and left padding
+            assert _masked_error(model, opt, x, probe) < TOL
+            assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+    with torch.no_grad():
+        assert torch.equal(fxbt.unroll(opt)(x, mask), model(x, mask))
+
+
+def test_heads_merged_heads_outer_are_not_packed():
+    """[h·b, s, d] has the size of [b·h, s, d]; only the views that made it say which one it is."""
+    torch.manual_seed(0)
+    model = handwritten.Residual(handwritten.BmmHeadsOuter).eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS, **DYNAMO)
+    report = fxbt.report(opt)
+    assert len(report.rewritten("sdpa")) == 2 and not report.rewritten("padding_free"), str(report)
+    assert any("queries do not run on packed tokens" in r.reason for r in report.rejected("padding_free")), str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    assert _masked_error(model, opt, x, mask) < TOL
 
 
 def test_a_call_without_padding_runs_the_original():
@@ -146,7 +180,8 @@ def test_linears_over_merged_batch_and_sequence_axes(order):
 def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patterns):
     """The encoder leaves zeros at padded positions; the decoder's cross-attention reads them as keys. Exact when
     its own mask masks them (checked per call); near-miss twins: a mask that lets the padded keys be read, and an
-    empty encoder row (its queries weigh every key alike), which run the original."""
+    empty encoder row (its queries weigh every key alike), which run the original: the whole call, or (the pass,
+    which leaves no zeros in a call with a sequence of no real token) the stack's own subgraph."""
     model = handwritten.CrossAttending().eval()
     x, mask = handwritten.inputs(3, 9)
     y = torch.randn(3, 5, handwritten.DIM)
@@ -159,13 +194,15 @@ def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patt
     empty = mask.clone()
     empty[1] = 0
     for cross, keys, fast in [(mask.clone(), mask, True), (torch.ones_like(mask), mask, False),
-                              (empty.clone(), empty, False)]:
+                              (empty.clone(), empty, bool(patterns))]:
         before = fxbt.report(opt).original_calls.total()
         with torch.no_grad():
             want, got = model(x, keys, y, cross), opt(x, keys, y, cross)
         assert ((want[0] - got[0]).abs() * keys[..., None]).max().item() < TOL
         assert (want[1] - got[1]).abs().max().item() < TOL  # every decoder position
         assert (fxbt.report(opt).original_calls.total() == before) is fast, fxbt.report(opt).original_calls
+    if patterns:
+        assert [r.last_path for r in _padding_free(opt)] == ["a sequence has no real token"]
 
 
 @pytest.mark.parametrize("kind", ["given", "argmax"])

@@ -460,6 +460,6 @@ class BranchesOnValues(nn.Module):
 
 def test_capture_error_names_the_line_that_blocks_capture():
     with pytest.raises(fxbt.CaptureError) as caught:
-        fxbt.optimize(BranchesOnValues().eval(), (tokens(2, 5),), inplace=False)
+        fxbt.optimize(BranchesOnValues().eval(), (tokens(2, 5),), inplace=False, frontend="dynamo")
     assert caught.value.blocker.startswith("test_pytorch_modules.py:")
     assert "if (x > 0).any():" in caught.value.blocker and caught.value.blocker in str(caught.value)
