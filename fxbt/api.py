@@ -147,6 +147,10 @@ def graph_module(model: torch.nn.Module, specialization: int = 0) -> torch.fx.Gr
     if isinstance(model, torch.fx.GraphModule):
         return model
     specs = specializations(model)
+    uncaptured = [why for d in dispatchers(model) for why in d.uncaptured.values()]
+    if not specs and uncaptured:
+        raise FxbtError(f"this model has no single graph: its calls run through torch.compile ({uncaptured[0]}); "
+                        "make that line independent of tensor values to get one")
     if not specs:
         raise FxbtError("this model has no captured graph yet (it is captured on its first call): call it once, "
                         "or optimize it with example_inputs")

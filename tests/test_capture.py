@@ -38,6 +38,8 @@ def test_data_dependent_control_flow_runs_through_torch_compile_and_says_why():
         for x in (torch.ones(3, 8), -torch.ones(3, 8)):  # both branches
             assert torch.equal(opt(x), model(x))
     assert not report.original_calls
+    with pytest.raises(fxbt.FxbtError, match="no single graph: its calls run through torch.compile"):
+        fxbt.unroll(opt)
 
 
 def test_a_chosen_frontend_that_cannot_capture_raises_with_its_reason():
