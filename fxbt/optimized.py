@@ -117,8 +117,10 @@ class Optimized:
         spec = self._find(key, leaves)
         if spec is None:
             spec = self._specialize(key, bound, leaves)
+            if spec is None and key in self.uncaptured:
+                return self._compiled_call(args, kwargs, self.uncaptured[key])
             if spec is None:
-                return self.forward(*args, **kwargs)  # refused or uncaptured now
+                return self._original(args, kwargs, self.refused[key])
         try:
             return spec.run(leaves)
         except FxbtError:

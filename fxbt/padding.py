@@ -123,27 +123,25 @@ class Region:
         if len(hits) == 1 and not any(same(s, self.seq) for s in shape):
             return Axes(hits[0], hits[0])
         seq = [i for i, s in enumerate(shape) if same(s, self.seq)]
-        heads = [(i, h) for i, h in enumerate(map(self._heads, shape)) if h]
+        heads = [(i, split[0]) for i, split in enumerate(map(_multiple, shape))
+                 if split and same(split[1], self.batch)]
         if hits or len(seq) != 1 or len(heads) != 1:
             return None
         return Axes(heads[0][0], seq[0], heads[0][1])
 
-    def _heads(self, size) -> int | None:
-        """n > 1 where ``size`` is n·batch for every admitted batch (a static batch proves nothing)."""
-        return batch_multiple(size, self.batch)
 
-
-def batch_multiple(size, batch) -> int | None:
-    """n > 1 where ``size`` is n·``batch`` for every admitted size, ``batch`` symbolic."""
-    if is_static(batch) or is_static(size):
+def _multiple(size) -> tuple | None:
+    """(n, rest) where ``size`` is n·rest for every admitted size, n an integer > 1 and rest symbolic (a static
+    size proves nothing: any multiple of the batch could be one). Cheap: asked of every axis a region looks at."""
+    if is_static(size):
         return None
-    factor, rest = sympy.sympify(size).as_coeff_Mul()  # cheap: called for every axis the region looks at
-    return int(factor) if factor.is_Integer and factor > 1 and same(rest, batch) else None
+    factor, rest = sympy.sympify(size).as_coeff_Mul()
+    return (int(factor), rest) if factor.is_Integer and factor > 1 and not is_static(rest) else None
 
 
 def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region | str:
     """The nodes around ``attention`` (an attention region's call) that can run on packed tokens."""
-    q = attention_operand(gm, attention, "q")
+    q = _attention_operand(gm, attention, "q")
     grid = _query_grid(sym(q) if q is not None else None)
     if grid is None:
         return "its queries are not [batch, heads, sequence, head dim] or [batch·heads, sequence, head dim]"
@@ -167,8 +165,8 @@ def _query_grid(shape) -> tuple | None:
         return None
     if len(shape) == 4:
         return shape[0], shape[2]
-    heads, batch = sympy.sympify(shape[0]).as_coeff_Mul()
-    return (batch, shape[1]) if heads.is_Integer and heads > 1 and not is_static(batch) else None
+    split = _multiple(shape[0])
+    return (split[1], shape[1]) if split else None
 
 
 def _attention_layout(axes, rank: int, transposed: bool = False) -> bool:
@@ -207,7 +205,7 @@ def _syntactic(gm, node, region: Region) -> str | None:
         return "does not carry the batch and sequence axes"
     if _kind(gm, node) is None:
         return f"{_name(node)} has no packed form"
-    if any(is_attention(gm, u) and node not in [attention_operand(gm, u, n) for n in ("q", "k", "v")]
+    if any(is_attention(gm, u) and node not in [_attention_operand(gm, u, n) for n in ("q", "k", "v")]
            for u in node.users):
         return "it is part of an attention's mask, which the padded call computes"
     return None
@@ -322,7 +320,7 @@ def _attention_fits(gm, node, region: Region) -> str | None:
     transposed = bool(gm.get_submodule(node.target).params.get("k_transposed"))
     ranks = set()
     for name in ("q", "k", "v"):
-        operand = attention_operand(gm, node, name)
+        operand = _attention_operand(gm, node, name)
         if operand not in region.nodes or not _attention_layout(region.axes(operand), len(sym(operand)),
                                                                  transposed and name == "k"):
             return f"its {'queries' if name == 'q' else 'keys' if name == 'k' else 'values'} do not run on " \
@@ -429,7 +427,7 @@ def _padded_cone(gm, node, region: Region) -> set:
             continue
         cone.add(n)
         if is_attention(gm, n):
-            frontier.append(attention_operand(gm, n, "q"))
+            frontier.append(_attention_operand(gm, n, "q"))
         else:
             frontier.extend(n.all_input_nodes)
     return cone
@@ -559,7 +557,7 @@ class _Builder:
                 self._input(index)
         gathers = tuple((self.env[b], self.env[s]) for b, s in gathers)
         self.tokens = self.graph.call_function(make_tokens, (self.graph.get_attr(seed.target), seed_args, batch, seq,
-                                                              reads, gathers, _merged_heads(self.gm, seed, self.region)))
+                                                              reads, gathers, merged_heads(self.gm, seed, self.region)))
         for node in nodes:
             self.env[node] = self._translate(node, attention)
         outputs = [n for n in nodes if any(u not in self.region.nodes and not _served_by_input(u, n, self.region,
@@ -742,7 +740,7 @@ class _Builder:
 
     def _attention(self, node, attention):
         args = tuple(self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
-        heads = _merged_heads(self.gm, node, self.region)
+        heads = merged_heads(self.gm, node, self.region)
         return self.graph.call_function(attention, (self.tokens, self.graph.get_attr(node.target), args, heads))
 
 
@@ -968,12 +966,12 @@ def is_attention(gm, node) -> bool:
     return getattr(module, "kernel", None) == "sdpa" and "q" in getattr(module, "slots", {})
 
 
-def _merged_heads(gm, attention, region: Region) -> int:
+def merged_heads(gm, attention, region: Region) -> int:
     """How many heads an attention region's queries merge into their batch axis (1: none)."""
-    return region.axes(attention_operand(gm, attention, "q")).heads
+    return region.axes(_attention_operand(gm, attention, "q")).heads
 
 
-def attention_operand(gm, node, name):
+def _attention_operand(gm, node, name):
     slot = gm.get_submodule(node.target).slots[name]
     return node.args[slot.index] if slot.index is not None else None
 

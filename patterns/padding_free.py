@@ -27,10 +27,9 @@ import torch.nn.functional as F
 
 from fxbt.canon import origin
 from fxbt.packing import Tokens
-from fxbt.padding import attention_operand, is_attention, packed_graph, token_region
+from fxbt.padding import is_attention, merged_heads, packed_graph, token_region
 from fxbt.pattern import Accept, Decline, Rule
 from fxbt.region import UseOriginal, absorb_size_computations, slot_value
-from fxbt.shapes import sym
 from fxbt.verify import run_without_dropout, verifying
 
 from .attention import (MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, check_padded_keys,
@@ -357,7 +356,7 @@ def _key_padding(gm, seed, region, packed) -> dict | str:
     the seed attention's mask as inputs of the region (positions in its inputs, or constants) with its program."""
     if not region.key_readers:
         return {}
-    if len(sym(attention_operand(gm, seed, "q"))) != 4:  # its mask is over [b·h, q, k]: see _by_sequence
+    if merged_heads(gm, seed, region) > 1:  # its mask is over [b·h, q, k]: see _by_sequence
         return "an attention after it reads it as keys, and its mask is over batch·heads"
     program, _ = _mask_source(gm.get_submodule(seed.target))
     terms = _mask_terms(gm, seed)
