@@ -20,8 +20,7 @@ from . import decompose, einsums, functional, registry, shapes
 from .canon import canonical_op
 from .meta import propagate
 from .report import Report
-from .rewrite import apply_rules
-from .verify import verify
+from .rewrite import apply_and_verify
 
 _REPORTS: list[Report] = []
 # Inductor traces the regions' Python code; the dense encoder's per-call packing reads the mask's values
@@ -56,8 +55,7 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: di
         node.meta["fxbt_pos"] = pos
     gm.train(_drops_out(gm))  # a new GraphModule says "training"; the graph's own dropout says what was traced
     report = Report("torch.compile", reason=reason)
-    apply_rules(gm, registry.select(patterns), report, options)
-    verify(gm, inputs, report)
+    apply_and_verify(gm, registry.select(patterns), report, options, inputs)
     gm.fxbt_report = report
     (_REPORTS if sink is None else sink).append(report)
     return gm

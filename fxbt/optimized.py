@@ -242,8 +242,7 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
     from . import registry
     from .capture import capture
     from .report import Report
-    from .rewrite import apply_rules
-    from .verify import verify as verify_regions
+    from .rewrite import apply_and_verify
 
     from .stages import stage
 
@@ -252,10 +251,7 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
     captured = capture(model, bound, options.frontend)
     gm = captured.gm
     report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
-    apply_rules(gm, rules, report, {"encoder_impl": options.encoder_impl})
-    if options.verify:
-        with stage("verification"):
-            verify_regions(gm, captured.flat_inputs, report)
+    apply_and_verify(gm, rules, report, {"encoder_impl": options.encoder_impl}, captured.flat_inputs, options.verify)
     gm.fxbt_report = report
     return Specialization(key, captured.shapes, StateGuard(model), gm, reason)
 

@@ -34,6 +34,26 @@ def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, opt
         gm.recompile()
 
 
+def apply_and_verify(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, options: dict, inputs,
+                     verify: bool = True) -> None:
+    """``apply_rules``, then verification. Where verification reverts a region, the passes after its rule's run
+    again on the subgraph it put back: a block template that did not fit the example (a mask that varies over
+    heads) leaves its attentions to the padding-free pass, as if it had declined at its check."""
+    from .verify import verify as verify_regions
+
+    apply_rules(gm, rules, report, options)
+    while verify:
+        with stage("verification"):
+            reverted = verify_regions(gm, inputs, report)
+        priority = {r.name: r.priority for r in rules}
+        first = min((priority[row.pattern] for row in report.rows if row.region in reverted and row.pattern in
+                     priority), default=None)
+        later = [r for r in rules if first is not None and r.priority > first]
+        if not later:
+            return
+        apply_rules(gm, later, report, options)
+
+
 def _run_pass(gm, rules, report, options) -> None:
     with stage("canonical view"):
         graph = CanonicalGraph(gm, options=options)

@@ -545,10 +545,14 @@ def _scale(node, region):
 
 
 def _per_head_mask(node, region) -> bool:
-    """A mask term that may have a head dimension: a position bias, not a key-padding mask."""
+    """A mask term that may have a head dimension: a position bias, not a key-padding mask. With [b, h, q, k]
+    scores a term's head axis is its third from last, whatever its rank (MPT adds ALiBi as [h, 1, k])."""
+    q = region.slots["q"].args_of(node)[0]
+    if not isinstance(q, torch.fx.Node) or not isinstance(sym(q), tuple) or len(sym(q)) != 4:
+        return False  # [b·h, q, k] scores: no axis of a term is the heads alone
     for term in _mask_terms(node, region):
         shape = sym(term) if isinstance(term, torch.fx.Node) else None
-        if isinstance(shape, tuple) and len(shape) == 4 and shape[1] != 1:
+        if isinstance(shape, tuple) and len(shape) >= 3 and shape[-3] != 1:
             return True
     return False
 

@@ -278,7 +278,7 @@ class SizeScaledBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
         self.up, self.down = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
 
-    def forward(self, x, bias):
+    def forward(self, x, bias, position=None):  # position: a bias of its own, added after the mask
         b, s, e = x.shape
         d = e // HEADS
         q, k, v = (p(x).view(b, s, HEADS, d).transpose(1, 2) for p in (self.q, self.k, self.v))
@@ -292,7 +292,8 @@ class SizeScaledBlock(nn.Module):
                 scores = scores * q.size(-1) ** -0.5
             else:
                 scores = scores / s ** 0.5
-            out = torch.softmax(scores + bias, dim=-1) @ v
+            scores = scores + bias
+            out = torch.softmax(scores if position is None else scores + position, dim=-1) @ v
         x = self.norm1(x + self.o(out.transpose(1, 2).reshape(b, s, e)))
         return self.norm2(x + self.down(F.gelu(self.up(x))))
 
@@ -397,7 +398,8 @@ class PoolerStack(nn.Module):
 
 class BiasedStack(nn.Module):
     """Encoder blocks whose additive mask is not a key-padding mask: ``per_head`` adds an ALiBi-like bias per
-    head, ``local`` lets each token see only its neighbours (the mask differs per query)."""
+    head, ``keys_alibi`` one over keys alone as a second [heads, 1, keys] term, ``local`` lets each token see
+    only its neighbours (the mask differs per query)."""
 
     def __init__(self, kind):
         super().__init__()
@@ -409,9 +411,13 @@ class BiasedStack(nn.Module):
         pos = torch.arange(s, device=x.device)
         distance = (pos[None, :] - pos[:, None]).abs().to(x.dtype)
         bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=x.dtype)
         if self.kind == "per_head":
-            slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=x.dtype)
             bias = bias - slopes[None, :, None, None] * distance
+        elif self.kind == "keys_alibi":  # MPT's ALiBi: a bias over keys only, [heads, 1, keys], added on its own
+            for layer in self.layers:
+                x = layer(x, bias, -slopes[:, None, None] * pos.to(x.dtype))
+            return x
         else:
             bias = bias + (distance > 2).to(x.dtype) * -10000.0
         for layer in self.layers:

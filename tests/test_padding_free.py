@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fxbt
 import handwritten
 import zoo
 from conftest import max_error, reference
+from fxbt.pattern import Rule
 from fxbt.region import regions
 from test_encoder import real_token_error
 
@@ -268,4 +270,29 @@ def test_position_schemes_run_as_the_model_wrote_them(model_class, config_class,
     with torch.no_grad():
         want, got = model(**probe).last_hidden_state, opt(**probe).last_hidden_state
     assert ((want - got).abs() * probe["attention_mask"][..., None]).max().item() < TOL
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+
+
+def _gelu(x):
+    return F.gelu(x)
+
+
+def _gelu_off_by_one(x):
+    return F.gelu(x) + 1.0
+
+
+def test_a_block_rule_reverted_at_verification_leaves_its_stack_to_the_padding_free_pass():
+    """A rule of the block pass that the example proves wrong is reverted; the stack it held is then made
+    padding-free as if the rule had declined (before, reverting left the stack padded: MPT's blocks)."""
+    wrong = Rule("gelu_off_by_one", _gelu, _gelu_off_by_one, priority=1)
+    torch.manual_seed(0)
+    model = handwritten.Stack(lambda: handwritten.SizeScaledBlock("head_dim"), layers=2).eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS + [wrong], **DYNAMO)
+    report = fxbt.report(opt)
+    assert [r.status for r in report.rows if r.pattern == "gelu_off_by_one"] == ["rejected"] * 2, str(report)
+    assert all("verification: outputs differ" in r.reason for r in report.rows if r.pattern == "gelu_off_by_one")
+    rows = report.rewritten("padding_free")
+    assert len(rows) == 1 and "2 attentions" in rows[0].reason, str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    assert _masked_error(model, opt, x, mask) < TOL
     assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
