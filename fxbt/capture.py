@@ -42,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import decompose, dynamo_frontend, einsums, functional, shapes
+from . import decompose, dynamo_frontend, einsums, functional, shapes, size_reads
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -121,9 +121,11 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                     flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
                     _decompose_attention(gm, flat_inputs, name)
                     functional.out_of_place(gm)
-                    _number(gm)
                 with stage("reproduction check"):
                     _reproduces(gm, flat_inputs, reference, model.training)
+                # after the run that recorded every value's rank and dtype
+                size_reads.as_dynamo_records(gm, keep={node for node, _ in decisions})
+                _number(gm)
                 with stage("shape guards"):
                     guard = _shape_guard(gm, name, flat_inputs, decisions)
             except Exception as e:  # each frontend fails in its own way; we keep the reason

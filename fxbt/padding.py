@@ -47,7 +47,7 @@ _POINTWISE_NAMES = frozenset({
 })
 _LAST_DIM = frozenset({"linear", "layer_norm", "rms_norm", "softmax", "log_softmax", "mean", "sum", "amax",
                        "amin", "var", "std", "norm", "logsumexp"})
-_LAYOUT = frozenset({"transpose", "permute", "unsqueeze", "squeeze", "expand", "t"})
+_LAYOUT = frozenset({"transpose", "permute", "unsqueeze", "squeeze", "expand", "broadcast_to", "t"})
 _VIEW = frozenset({"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten"})
 _SPLIT = frozenset({"chunk", "split", "unbind"})
 _JOIN = frozenset({"cat", "concat", "concatenate", "stack"})
@@ -388,7 +388,7 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
             return True
         reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes, gathers=True)
-        picking = set().union(*(_ancestors_in(index, region.nodes) for pair in reads.gathers for index in pair))
+        picking = set().union(*(_ancestors_in(index, region) for pair in reads.gathers for index in pair))
         if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
             for taken in picking:
                 region.nodes.discard(taken)
@@ -405,17 +405,23 @@ def _prune_padded_reads(gm, region: Region) -> bool:
     return False
 
 
-def _ancestors_in(node, nodes) -> set:
-    """The members of ``nodes`` that ``node`` is computed from."""
-    found, seen, frontier = set(), set(), [node]
+def _ancestors_in(node, region: Region) -> set:
+    """The region nodes ``node`` is computed from; not through a size of one that an input of the region has
+    too (``arange(hidden.shape[0])`` picking rows: installing the region makes it read that input's)."""
+    found, seen, frontier, inputs = set(), set(), [node], None
     while frontier:
         n = frontier.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n in nodes:
+        if n in region.nodes:
             found.add(n)
-        frontier.extend(n.all_input_nodes)
+        for a in n.all_input_nodes:
+            if a in region.nodes and reads_metadata_only(n, a):
+                inputs = _inputs(region) if inputs is None else inputs
+                if _served_by_input(n, a, region, inputs):
+                    continue
+            frontier.append(a)
     return found
 
 
@@ -777,10 +783,12 @@ def _translate_dims(node, region: Region):
             raise _NoPackedForm("it squeezes a token axis")
         packed = tuple(packed_in[d % rank_in] for d in dims)
         return "squeeze", (first, packed), {}
-    if name in ("expand",):
-        sizes = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) else node.args[1]
+    if name in ("expand", "broadcast_to"):
+        sizes = _expanded_sizes(node)
         if len(sizes) != rank_in:
             raise _NoPackedForm("expand to more axes")
+        if any(v is None for d, v in enumerate(sizes) if d not in axes_in):
+            raise _NoPackedForm("expand to a size that is not fixed, named by a whole shape")
         return "expand", (first, (-1, *(-1 if d in axes_in else v for d, v in enumerate(sizes)
                                          if d not in axes_in.dropped))), {}
     if name in ("chunk", "split", "unbind"):
@@ -807,6 +815,15 @@ def _translate_dims(node, region: Region):
             packed_dim = packed_in[dim % rank_in]
         return node.target, (_join_inputs(node), packed_dim), {}
     raise _NoPackedForm(f"{name} has no packed form")
+
+
+def _expanded_sizes(node) -> tuple:
+    """The sizes an expand or broadcast_to names, one per axis; given as one shape (``k.broadcast_to(q.shape)``),
+    the output's own sizes, where fixed (the token axes are -1 in the packed form whatever they are)."""
+    sizes = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) else node.args[1]
+    if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node) and not isinstance(sizes[0].meta.get("fxbt_val"), int):
+        return tuple(int(v) if is_static(v) else None for v in sym(node))
+    return tuple(sizes)
 
 
 def _segments(shape_in, axes_in, shape_out, axes_out) -> bool:

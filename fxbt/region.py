@@ -191,12 +191,19 @@ def metadata_stand_ins(interior: set[torch.fx.Node], root, inputs: list[torch.fx
     """For outside dtype/device or size reads of interior nodes, an input with the same dtype and device, or
     (input, dim) with the same size for every admitted size (symbolic shapes).
 
+    The region's outputs are read after it, so theirs need no stand-in; they get one where an input has it, so
+    that a value the region itself reads may be computed from such a size (CLIP's pooler picks rows
+    ``arange(hidden.shape[0])`` of the stack's output, and the stack computes the rows it picks).
+
     Returns {(user, interior node): stand-in}, or the reason none exists."""
     found = {}
-    for node in interior - (set(root) if isinstance(root, tuple) else {root}):
+    roots = set(root) if isinstance(root, tuple) else {root}
+    for node in interior:
         for user in [u for u in node.users if u not in interior and reads_metadata_only(u, node)]:
             dim = _size_read(user, node)
             stand_in = metadata_stand_in(user, node, inputs)
+            if stand_in is None and node in roots:
+                continue
             if stand_in is None:
                 what = f"size {dim}" if dim is not None else user.args[1]
                 return f"{user.name} reads the {what} of {node.name} and no region input has the same"
@@ -208,9 +215,22 @@ def metadata_stand_in(user: torch.fx.Node, node: torch.fx.Node, inputs):
     """For ``user`` reading ``node``'s dtype/device or one size (`reads_metadata_only`): an input with the same
     dtype and device, or (input, dim) with the same size for every admitted size; None if none has."""
     dim = _size_read(user, node)
+    inputs = [i for i in inputs if _precedes(i, user)]  # one computed after ``user`` may depend on it: a cycle
     if dim is not None:
         return _same_size(node, dim, inputs)
     return next((i for i in inputs if _same_dtype_device(i.meta.get("fxbt_val"), node.meta.get("fxbt_val"))), None)
+
+
+def _precedes(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """``a`` comes before ``b`` in their graph (capture numbers its nodes; a node made since, found by walking)."""
+    if "fxbt_pos" in a.meta and "fxbt_pos" in b.meta:
+        return a.meta["fxbt_pos"] < b.meta["fxbt_pos"]
+    node = a.next
+    while node.op != "root":
+        if node is b:
+            return True
+        node = node.next
+    return False
 
 
 def _same_size(node, dim, inputs):

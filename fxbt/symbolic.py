@@ -530,6 +530,8 @@ def _index_tensor(p, shape, index):
     if sum(1 for i in index if i is Ellipsis) > 1:
         raise Opaque("several ellipses")
     consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if sum(1 for i in index if isinstance(i, list)) > 1:
+        raise Opaque("several index lists")  # advanced indices broadcast together: not followed
     out, d = [], 0
     for item in index:
         if item is Ellipsis:
@@ -545,6 +547,12 @@ def _index_tensor(p, shape, index):
             value = _sym(p.value(item))
             bound = value if _concrete(value, p.example) >= 0 else -value - 1
             p.unify(sympy.Min(bound, shape[d] - 1), bound)  # indexing raises out of range
+            d += 1
+        elif isinstance(item, list) and item and all(isinstance(i, int) for i in item):
+            for i in item:  # one list of positions (Falcon's ``qkv[..., [-2], :]``): its length, where it stands
+                bound = sympy.Integer(i if i >= 0 else -i - 1)
+                p.unify(sympy.Min(bound, shape[d] - 1), bound)  # indexing raises out of range
+            out.append(sympy.Integer(len(item)))
             d += 1
         else:
             raise Opaque("advanced indexing")
@@ -781,6 +789,7 @@ _BY_NAME = {
     "einsum": _einsum, "view": _view, "reshape": _view, "view_as": _view_as, "reshape_as": _view_as,
     "flatten": _flatten, "unflatten": _unflatten, "transpose": _transpose, "swapaxes": _transpose, "t": _t,
     "permute": _permute, "unsqueeze": _unsqueeze, "squeeze": _squeeze, "expand": _expand, "expand_as": _expand,
+    "broadcast_to": _expand,
     "repeat": _repeat, "repeat_interleave": _repeat_interleave, "cat": _cat, "concat": _cat, "concatenate": _cat,
     "stack": _stack, "chunk": _chunk, "split": _split, "unbind": _unbind, "getitem": _getitem, "size": _size,
     "getattr": _getattr, "numel": _numel, "dim": _dim_count, "sym_size": _size, "arange": _arange,

@@ -505,3 +505,27 @@ class InPlaceMasked(nn.Module):
         scores.masked_fill_((mask == 0)[:, None, None, :].expand_as(scores), torch.finfo(scores.dtype).min)
         weights = torch.softmax(seen.float(), dim=-1).type_as(scores).view(b, HEADS, s, s)
         return (weights @ v).transpose(1, 2).reshape(b, s, DIM)
+
+
+class WholeShapeReads(nn.Module):
+    """A token-id stack written as HF 4.x models are: sizes read as one tuple (``b, s = h.shape[:2]``) and the mask
+    cast to the dtype of the embedded tokens, which plain fx and transformers 4's fx tracer record as whole-shape and
+    dtype reads of values in the middle of the stack."""
+
+    def __init__(self, vocab=50, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, DIM)
+        self.qkv = nn.ModuleList(nn.Linear(DIM, 3 * DIM) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(DIM) for _ in range(layers))
+
+    def forward(self, ids, mask):
+        h = self.embed(ids)
+        bias = (1.0 - mask[:, None, None, :].to(h.dtype)) * -10000.0
+        for qkv, out, norm in zip(self.qkv, self.out, self.norms):
+            size = h.shape[:2]  # plain fx cannot unpack a traced tuple: indexed
+            b, s, t = size[0], size[1], qkv(h)
+            q, k, v = (t[..., i * DIM:(i + 1) * DIM].view(b, s, HEADS, -1).transpose(1, 2) for i in range(3))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(h.size()[-1] // HEADS) + bias
+            h = norm(h + out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)))
+        return h
