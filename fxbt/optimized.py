@@ -116,7 +116,10 @@ class Optimized:
         leaves = pytree.tree_leaves(bound)
         spec = self._find(key, leaves)
         if spec is None:
-            spec = self._specialize(key, bound, leaves)
+            try:
+                spec = self._specialize(key, bound, leaves)
+            except InputError as e:  # capture runs the model without its KV cache: the call as made decides
+                return self._original(args, kwargs, f"the model raised when run for capture ({e})")
             if spec is None and key in self.uncaptured:
                 return self._compiled_call(args, kwargs, self.uncaptured[key])
             if spec is None:

@@ -64,7 +64,10 @@ class ShapeGuard:
             return True
         if self._code is None:
             self._code = compile(" and ".join(f"({c})" for c in self.conditions), "<fxbt shape guard>", "eval")
-        return bool(eval(self._code, _interp(), {"L": _locals(flat_inputs)}))
+        try:
+            return bool(eval(self._code, _interp(), {"L": _locals(flat_inputs)}))
+        except ArithmeticError:  # ``s % b`` with an empty batch: no size the graph was proven for is zero there
+            return False
 
     def failing(self, flat_inputs) -> str:
         """The first condition the call's inputs fail, in the inputs' names."""

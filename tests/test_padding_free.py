@@ -94,7 +94,8 @@ def test_an_example_without_padding_still_makes_the_stack_padding_free(name, att
     token; padded batches later are served by it."""
     spec = zoo.SPECS[name]
     model = spec.build(attn)
-    # dynamo: transformers 4's tracer given a batch of one leaves T5's stack padded (noted on issue 13)
+    # dynamo: from transformers 4's tracer, the graph for a batch of one pins the batch and T5's stack in it stays
+    # padded (the first padded call then gets a graph of its own, padding-free); dynamo keeps the batch symbolic
     opt = fxbt.optimize(model, zoo.make_inputs(spec, 1, 7, pad=False), inplace=False, patterns=PASS,
                         frontend="dynamo")
     assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))

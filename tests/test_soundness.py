@@ -11,6 +11,7 @@ example only;  4. replaced parameters;  5. modes;  6. edges (fully masked rows, 
 from __future__ import annotations
 
 import threading
+import types
 
 import pytest
 import torch
@@ -243,10 +244,11 @@ def test_a_batch_of_padding_only_gives_the_original_values():
         assert max_error(reference(model, inputs), optimized(**inputs)) < TOL  # every position, padded too
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])  # GPT-2's guard divides by the batch ([batch·seq] linears)
 @pytest.mark.parametrize("batch, seq", [(2, 0), (0, 5)])
-def test_empty_batches_behave_as_the_original(batch, seq):
-    spec = zoo.SPECS["bert"]
-    model = _bert()
+def test_empty_batches_behave_as_the_original(name, batch, seq):
+    spec = zoo.SPECS[name]
+    model = _bert() if name == "bert" else spec.build()
     optimized = fxbt.optimize(model, spec.example(), inplace=False)
     inputs = {"input_ids": torch.ones(batch, seq, dtype=torch.long),
               "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
@@ -437,3 +439,29 @@ def test_registering_patterns_and_fx_capture_leave_other_threads_forwards_alone(
         runner.join()
     assert not errors, errors
     assert torch.nn.Module.__call__ is call
+
+
+class _CacheOnlyCall(nn.Module):
+    """Computes a call whose mask is shorter than its input only with ``config.use_cache`` on (as GPT-2 does on
+    transformers 5), and capture runs models with it off."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(use_cache=True)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        if mask.shape[1] != x.shape[1] and not self.config.use_cache:
+            raise ValueError("the mask does not cover the input")
+        return self.lin(x).sum(1) * mask.sum(1, keepdim=True)
+
+
+def test_a_call_the_model_computes_only_with_its_cache_is_the_models_own():
+    model = _CacheOnlyCall().eval()
+    optimized = fxbt.optimize(model, (torch.randn(2, 5, 8), torch.ones(2, 5)), inplace=False)
+    x, short = torch.randn(3, 7, 8), torch.ones(3, 4)
+    with torch.no_grad():
+        assert torch.equal(optimized(x, short), model(x, short))
+    assert any("the model raised when run for capture" in why for why in fxbt.report(optimized).original_calls)
+    with pytest.raises(fxbt.InputError, match="the model itself raises"):  # and where the model raises, typed
+        optimized(x, torch.ones(3, 4, 2))
