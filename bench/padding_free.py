@@ -10,6 +10,8 @@ Workloads (random weights from configs, no hub):
   left padding;
 - bloom: BLOOM (ALiBi; attention on [batch·heads, sequence, head dim]) of BERT-base sizes as an embedder, batch 8,
   sequence 128, left padding;
+- deberta: DeBERTa-v3-base's architecture (disentangled relative attention: score terms from Q and K), batch 8,
+  sequence 128, right padding;
 - bert-train: one BERT-base training step (forward + backward, dropout on), batch 8, sequence 128.
 
     python bench/padding_free.py --workload bert --padding 0 0.25 0.5 0.75 [--repeats 5] [--threads N] [--out F.json]
@@ -45,6 +47,10 @@ MODELS = {  # name -> (model class, config class, config, batch, seq, padding si
     "roformer": ("RoFormerModel", "RoFormerConfig", BASE, 8, 128, "right"),
     "gpt2": ("GPT2Model", "GPT2Config", dict(n_embd=768, n_layer=12, n_head=12, n_positions=256), 8, 128, "left"),
     "bloom": ("BloomModel", "BloomConfig", dict(hidden_size=768, n_layer=12, n_head=12), 8, 128, "left"),
+    "deberta": ("DebertaV2Model", "DebertaV2Config", dict(BASE, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                          position_buckets=256, max_relative_positions=-1,
+                                                          norm_rel_ebd="layer_norm", share_att_key=True,
+                                                          position_biased_input=False), 8, 128, "right"),
 }
 
 

@@ -443,6 +443,8 @@ PADDING_FREE = {
     "bloom": ("BLOOM (ALiBi, attention on [batch·heads, sequence, head dim]) of BERT-base sizes as an embedder, "
               "batch 8, sequence 128, left padding (no sdpa in transformers: 'over sdpa' is over eager)", "over_sdpa",
               {}),
+    "deberta": ("DeBERTa-v3-base's architecture (relative attention: score terms from Q and K), batch 8, sequence "
+                "128, right padding (no sdpa in transformers: 'over sdpa' is over eager)", "over_sdpa", {}),
     "bert-train": ("BERT-base training step (forward + backward, dropout on), batch 8, sequence 128", "over_eager",
                    {0.5: 1.6}),
 }

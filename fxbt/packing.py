@@ -61,14 +61,24 @@ def pack(x: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> torch.Ten
     return flat.index_select(0, tokens.index)
 
 
-def unpack(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int) -> torch.Tensor:
-    """[T, others] -> the padded tensor, zeros at padded positions, token axes where they belong."""
+def unpack(packed: torch.Tensor, tokens: Tokens, b_axis: int, s_axis: int, heads: int = 1) -> torch.Tensor:
+    """[T, others] -> the padded tensor, zeros at padded positions, token axes where they belong (``heads`` > 1:
+    [T, heads, others] -> batch·heads, batch outer, on ``b_axis``)."""
+    if heads > 1:
+        others = tuple(packed.shape[2:])
+        full = packed.new_zeros((tokens.batch * tokens.seq, heads) + others).index_copy(0, tokens.index, packed)
+        full = full.view((tokens.batch, tokens.seq, heads) + others).transpose(1, 2)
+        return _placed(full.reshape((tokens.batch * heads, tokens.seq) + others), b_axis, s_axis)
     others = tuple(packed.shape[1:])
     full = packed.new_zeros((tokens.batch * tokens.seq,) + others).index_copy(0, tokens.index, packed)
     if b_axis == s_axis:
         return full.movedim(0, b_axis)
-    full = full.view((tokens.batch, tokens.seq) + others)
-    rank = len(others) + 2
+    return _placed(full.view((tokens.batch, tokens.seq) + others), b_axis, s_axis)
+
+
+def _placed(full: torch.Tensor, b_axis: int, s_axis: int) -> torch.Tensor:
+    """[batch, seq, others] with the two token axes moved to ``b_axis`` and ``s_axis``."""
+    rank = full.dim()
     order = [0] * rank  # the padded tensor's axis i comes from the unpacked view's axis order[i]
     rest = iter(range(2, rank))
     for i in range(rank):

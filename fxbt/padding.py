@@ -25,7 +25,7 @@ import sympy
 import torch
 import torch.fx
 
-from . import packing
+from . import packing, score_terms
 from .canon import canonical_op
 from .meta import TensorInfo, is_size_query
 from .region import boundary, metadata_stand_in, reads_metadata_only
@@ -95,6 +95,12 @@ class Region:
     key_readers: set = field(default_factory=set)  # attention calls after the region reading it as keys/values
     gathers: set = field(default_factory=set)  # (batch, sequence) index nodes picking positions after the region
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
+    islands: dict = field(default_factory=dict)  # score term node -> its island (fxbt/score_terms.py)
+
+    @property
+    def island_nodes(self) -> set:
+        """Nodes computed inside the packed graph on padded values: the score terms' islands."""
+        return set().union(*self.islands.values()) if self.islands else set()
 
     def axes(self, node) -> Axes | None:
         """Where the token axes are in ``node``'s shape, when each appears exactly once (`Axes`). Which order a
@@ -149,8 +155,12 @@ def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region |
     if not _attention_layout(region.axes(q), len(sym(q))):
         return "the batch and sequence sizes of its queries are not two sizes apart from the others"
     region.nodes = _connected(gm, attention, region)
-    while _prune(gm, region) | _prune_padded_reads(gm, region) | _prune_reentry(region):
-        pass
+    _find_islands(gm, region)
+    while True:
+        while _prune(gm, region) | _prune_padded_reads(gm, region) | _prune_reentry(region):
+            pass
+        if not _drop_unproven_islands(gm, region):
+            break
     region.attentions = [n for n in gm.graph.nodes if n in region.nodes and is_attention(gm, n)]
     if attention not in region.nodes:
         return region.why_not.get(attention, "it cannot run on packed tokens")
@@ -240,6 +250,79 @@ def _kind(gm, node) -> str | None:
     if canon in POSITIONWISE or name in _POINTWISE_NAMES:
         return "pointwise"
     return None
+
+
+# --- score terms computed from the region's values -------------------------------------------------------
+
+
+def _find_islands(gm, region: Region) -> None:
+    """The additive score terms of the region's attentions computed from its values (DeBERTa's relative
+    positions from Q and K): their nodes leave the region and run padded inside the packed graph."""
+    for node in [n for n in region.nodes if is_attention(gm, n)]:
+        operands = _ancestry([_attention_operand(gm, node, n) for n in ("q", "k", "v")])
+        for term in _additive_terms(gm, node):
+            found = score_terms.island(term, lambda a: a in region.nodes) - operands
+            if term in found:
+                region.islands[term] = found
+                region.nodes -= found
+
+
+def _ancestry(nodes) -> set:
+    found, frontier = set(), [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while frontier:
+        n = frontier.pop()
+        if n not in found:
+            found.add(n)
+            frontier.extend(n.all_input_nodes)
+    return found
+
+
+def _drop_unproven_islands(gm, region: Region) -> bool:
+    """Drop islands whose attention left the region or whose term reads the region's values in a way not proven
+    exact (`score_terms.check`); their nodes are then outside nodes like any other. True if any was dropped."""
+    dropped = False
+    for term, nodes in list(region.islands.items()):
+        readers = [u for u in term.users if u in region.nodes and is_attention(gm, u)]
+        why = "its attention left the region" if not readers else _island_check(gm, region, nodes, term, readers[0])
+        if why:
+            del region.islands[term]
+            region.why_not.update({term: why, **{reader: why for reader in readers}})
+            dropped = True
+    return dropped
+
+
+def _island_check(gm, region: Region, nodes: set, term, attention) -> str | None:
+    entries = {}
+    for node in nodes:
+        for a in node.all_input_nodes:
+            if a in region.nodes and a not in entries:
+                axes = region.axes(a)
+                if axes is None or _is_merged(axes):
+                    return f"its score term reads {a.name}, whose token axes are not told apart"
+                labels = [None] * len(sym(a))
+                labels[axes[0]], labels[axes[1]] = "B", "T"
+                entries[a] = tuple(labels)
+    q = _attention_operand(gm, attention, "q")
+    rank = len(sym(q))
+    return score_terms.check(gm, nodes, entries, term, rank, 1 if rank == 4 else None)
+
+
+def _additive_terms(gm, attention) -> list:
+    """The mask terms of an attention region that are only added to the scores (a bias, never a mask)."""
+    module = gm.get_submodule(attention.target)
+    program = module.params.get("program")
+    slot = module.slots.get("mask_terms")
+    if program is None or slot is None or not slot.many:
+        return []
+    terms = slot.args_of(attention)
+    uses = {}
+    for step in program:
+        for ref in step[1:]:
+            for r in (ref if isinstance(ref, tuple) and ref and ref[0] != "term" else (ref,)):
+                if isinstance(r, tuple) and r and r[0] == "term":
+                    uses.setdefault(r[1], set()).add(step[0])
+    return [t for i, t in enumerate(terms) if isinstance(t, torch.fx.Node) and uses.get(i, set()) <= {"add", "sub"}
+            and uses.get(i)]
 
 
 # --- pruning ----------------------------------------------------------------------------------------------
@@ -375,7 +458,8 @@ def _prune_padded_reads(gm, region: Region) -> bool:
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
             continue
-        outside = [u for u in node.users if u not in region.nodes and not is_size_query(u)]
+        islands = region.island_nodes
+        outside = [u for u in node.users if u not in region.nodes and u not in islands and not is_size_query(u)]
         if not outside:
             continue
         axes = region.axes(node)
@@ -387,7 +471,7 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.nodes.discard(node)
             region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
             return True
-        reads = padded_reads(gm, node, frozenset(region.nodes), axes=axes, gathers=True)
+        reads = padded_reads(gm, node, frozenset(region.nodes | islands), axes=axes, gathers=True)
         picking = set().union(*(_ancestors_in(index, region) for pair in reads.gathers for index in pair))
         if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
             for taken in picking:
@@ -443,7 +527,7 @@ def _prune_reentry(region: Region) -> bool:
     """A region runs as one call: no path may leave it and come back. Drop what such a path reaches. Size
     queries of its values, and arithmetic on them, join it at the end (`_add_size_queries`): no path leaves there."""
     inputs = _inputs(region)
-    inside = region.nodes | _size_computations(region, inputs)
+    inside = region.nodes | _size_computations(region, inputs) | region.island_nodes
     later = set()
     for node in inside:
         for user in node.users:
@@ -454,7 +538,7 @@ def _prune_reentry(region: Region) -> bool:
         return False
     for node in reentered:
         region.nodes.discard(node)
-        region.why_not[node] = "it reads a value computed from the region outside it"
+        region.why_not.setdefault(node, "it reads a value computed from the region outside it")
     return True
 
 
@@ -545,17 +629,21 @@ class _Builder:
         self.values = ValueKeys(gm.graph)
         self.same: dict = {}  # an outside value's key -> the placeholder read for it
         self.packed_operands: dict = {}  # (outside node, b axis, s axis) -> its packed form
+        self.padded: dict = {}  # region node -> its value padded again, for the score terms' islands
         self.tokens = None
 
     def build(self, seed, make_tokens, attention) -> Packed:
-        nodes = _in_order(self.gm, self.region.nodes)
+        islands = self.region.island_nodes
+        nodes = _in_order(self.gm, self.region.nodes | islands)
         for node in nodes:
             for a in node.all_input_nodes:
-                if a not in self.region.nodes:
+                if a not in self.region.nodes and a not in islands:
                     self._input(a)
         batch, seq = self._grid_sizes(nodes)
-        seed_args = tuple(None if a in self.region.nodes else self.env[a] if isinstance(a, torch.fx.Node) else a
-                          for a in seed.args)
+        # the seed's real tokens come from its mask without its score terms: a term only added never masks a key
+        no_term = self.graph.call_function(torch.zeros, ((),)) if islands else None
+        seed_args = tuple(None if a in self.region.nodes else no_term if a in islands else
+                          self.env[a] if isinstance(a, torch.fx.Node) else a for a in seed.args)
         reads = tuple(sorted(self.region.reads))
         gathers = sorted(self.region.gathers, key=lambda pair: (pair[0].name, pair[1].name))
         for pair in gathers:
@@ -565,10 +653,10 @@ class _Builder:
         self.tokens = self.graph.call_function(make_tokens, (self.graph.get_attr(seed.target), seed_args, batch, seq,
                                                               reads, gathers, merged_heads(self.gm, seed, self.region)))
         for node in nodes:
-            self.env[node] = self._translate(node, attention)
-        outputs = [n for n in nodes if any(u not in self.region.nodes and not _served_by_input(u, n, self.region,
-                                                                                              self.inputs)
-                                           for u in n.users)]  # a size read outside: read off an input instead
+            self.env[node] = self._island(node) if node in islands else self._translate(node, attention)
+        outputs = [n for n in nodes if n not in islands and any(
+            u not in self.region.nodes and u not in islands and not _served_by_input(u, n, self.region, self.inputs)
+            for u in n.users)]  # a size read outside: read off an input instead
         values, axes = [], []
         for node in outputs:
             if _is_tensor(node):
@@ -581,6 +669,17 @@ class _Builder:
         self.graph.output(tuple(values) + (self.tokens,))
         module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
         return Packed(module, self.inputs, outputs, tuple(axes))
+
+    def _island(self, node):
+        """A node of a score term's island, as the model wrote it, on the region's values padded again."""
+        return self._copy(node, lambda a: self._padded(a) if a in self.region.nodes and _is_tensor(a) else self.env[a])
+
+    def _padded(self, node):
+        if node not in self.padded:
+            axes = self.region.axes(node)
+            self.padded[node] = self.graph.call_function(
+                packing.unpack, (self.env[node], self.tokens, axes[0], axes[1], axes.heads))
+        return self.padded[node]
 
     def _input(self, node):
         """A placeholder for each outside value; values computed alike (a mask each layer builds again) are read

@@ -315,11 +315,12 @@ def check_padding_free(match) -> Accept | Decline:
     key_padding = _key_padding(gm, call, region, packed)
     if isinstance(key_padding, str):
         return Decline(key_padding)
+    terms = f", {len(region.islands)} score terms from its values" if region.islands else ""
     return Accept(inputs={"inputs": tuple(packed.inputs)},
                   params={"graph": packed.graph, "output_axes": packed.output_axes, **key_padding},
-                  absorb=tuple(region.nodes), outputs=tuple(packed.outputs),
-                  note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens",
-                  impl="packed")
+                  absorb=tuple(region.nodes | region.island_nodes), outputs=tuple(packed.outputs),
+                  note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens"
+                       f"{terms}", impl="packed")
 
 
 def _may_mask_keys(region) -> bool:

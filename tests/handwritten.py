@@ -529,3 +529,38 @@ class WholeShapeReads(nn.Module):
             scores = q @ k.transpose(-1, -2) / math.sqrt(h.size()[-1] // HEADS) + bias
             h = norm(h + out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)))
         return h
+
+
+class RelativeScoreStack(nn.Module):
+    """Blocks adding to Q·Kᵀ a term computed from Q itself, as DeBERTa's content-to-position term:
+    ``gather(q @ pos_kᵀ, -1, relative position)`` (``kind="c2p"``), or as BERT's ``relative_key``:
+    ``einsum("bhld,lrd->bhlr", q, distance embeddings)`` (``kind="einsum"``). Near-miss twin ``kind="mean_keys"``:
+    the term is Q against the keys averaged over the sequence, which reads every position, padded ones included."""
+
+    def __init__(self, kind, layers=2, span=4):
+        super().__init__()
+        self.kind, self.span = kind, span
+        self.qkv = nn.ModuleList(nn.Linear(DIM, 3 * DIM) for _ in range(layers))
+        self.pos = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(layers))
+        self.table = nn.Parameter(torch.randn(2 * span, DIM))
+        self.distance = nn.Embedding(2 * span, DIM // HEADS)
+        self.norms = nn.ModuleList(nn.LayerNorm(DIM) for _ in range(layers))
+
+    def forward(self, x, mask):
+        b, s, e = x.shape
+        d = e // HEADS
+        padded = mask[:, None, None, :] == 0
+        pos = torch.arange(s, device=x.device)
+        index = (pos[:, None] - pos[None, :]).clamp(-self.span, self.span - 1) + self.span  # [s, s]
+        for qkv, pos_proj, norm in zip(self.qkv, self.pos, self.norms):
+            q, k, v = (t.view(b, s, HEADS, d).transpose(1, 2) for t in qkv(x).chunk(3, dim=-1))
+            if self.kind == "c2p":
+                pos_k = pos_proj(self.table).view(2 * self.span, HEADS, d).transpose(0, 1)  # [h, 2·span, d]
+                term = torch.gather(q @ pos_k.transpose(-1, -2), -1, index.expand(b, HEADS, s, s))
+            elif self.kind == "einsum":
+                term = torch.einsum("bhld,lrd->bhlr", q, self.distance(index))
+            else:
+                term = q @ k.mean(2, keepdim=True).transpose(-1, -2)  # [b, h, s, 1]
+            scores = ((q @ k.transpose(-1, -2) + term) / math.sqrt(d)).masked_fill(padded, torch.finfo(x.dtype).min)
+            x = norm(x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, e))
+        return x

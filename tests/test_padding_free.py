@@ -341,3 +341,57 @@ def test_decoder_stacks_with_their_own_head_layouts_run_on_real_tokens(model_cla
         probe = zoo.make_inputs(spec, 4, 12, True, seed=2, left=left)
         assert real_token_error(spec, reference(model, probe), opt(**probe), probe) < TOL
         assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+
+
+@pytest.mark.parametrize("kind", ["c2p", "einsum"])
+def test_a_score_term_computed_from_queries_runs_padded_inside_the_packed_stack(kind):
+    """DeBERTa's content-to-position term and BERT's relative_key term, hand-written: gathered from Q·pos_kᵀ by
+    relative position, or an einsum of Q with distance embeddings. Their nodes run on the queries padded again,
+    and each attention restricts the term to the sequence's real tokens."""
+    torch.manual_seed(0)
+    model = handwritten.RelativeScoreStack(kind).eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS)
+    rows = fxbt.report(opt).rewritten("padding_free")
+    assert len(rows) == 1 and "2 attentions" in rows[0].reason and "2 score terms" in rows[0].reason, \
+        str(fxbt.report(opt))
+    for batch, seq, seed in [(4, 11, 3), (2, 6, 4)]:
+        x, mask = handwritten.inputs(batch, seq, seed=seed)
+        for probe in (mask, mask.flip(1)):
+            assert _masked_error(model, opt, x, probe) < TOL
+            assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+    with torch.no_grad():
+        assert torch.equal(fxbt.unroll(opt)(x, mask), model(x, mask))
+
+
+def test_a_score_term_that_reads_every_position_keeps_the_stack_padded():
+    """Near-miss twin: Q against the keys averaged over the sequence. Padded again, the keys' padded positions would
+    be zeros where the original averages real values: declined with the reason, not left to verification."""
+    torch.manual_seed(0)
+    model = handwritten.RelativeScoreStack("mean_keys").eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS)
+    report = fxbt.report(opt)
+    assert not report.rewritten("padding_free"), str(report)
+    assert all("score term" in r.reason and "mean" in r.reason for r in report.rejected("padding_free")), str(report)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    assert _masked_error(model, opt, x, mask) < TOL
+
+
+def test_deberta_v2_relative_attention_runs_on_real_tokens():
+    """DeBERTa-v2/v3's disentangled attention: content-to-position and position-to-content terms from Q and K,
+    log-bucketed relative positions, shared projections."""
+    import transformers
+
+    config = transformers.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, vocab_size=99, relative_attention=True,
+                                          pos_att_type=["c2p", "p2c"], position_buckets=8, max_relative_positions=16,
+                                          norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(config).eval()
+    spec = zoo.SPECS["bert"]
+    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1), inplace=False)
+    rows = fxbt.report(opt).rewritten("padding_free")
+    assert len(rows) == 1 and "2 score terms" in rows[0].reason, str(fxbt.report(opt))
+    for left in (False, True):
+        probe = zoo.make_inputs(spec, 4, 12, True, seed=2, left=left)
+        assert real_token_error(spec, reference(model, probe), opt(**probe), probe) < TOL
+        assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
