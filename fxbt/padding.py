@@ -295,7 +295,7 @@ def _island_check(gm, region: Region, nodes: set, term, attention) -> str | None
     entries = {}
     for node in nodes:
         for a in node.all_input_nodes:
-            if a in region.nodes and a not in entries:
+            if a in region.nodes and _is_tensor(a) and a not in entries:
                 axes = region.axes(a)
                 if axes is None or _is_merged(axes):
                     return f"its score term reads {a.name}, whose token axes are not told apart"

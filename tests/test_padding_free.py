@@ -319,16 +319,23 @@ def test_whole_shape_and_dtype_reads_of_plain_fx_graphs_run_padding_free():
         assert torch.equal(fxbt.unroll(opt)(ids, mask), model(ids, mask))
 
 
-@pytest.mark.parametrize("model_class,config_class,config", [
-    ("FalconModel", "FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
-                                         new_decoder_architecture=True, vocab_size=99)),
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)
+
+
+@pytest.mark.parametrize("model_class,config_class,config,note", [
+    ("FalconModel", "FalconConfig", dict(_SMALL, num_kv_heads=2, new_decoder_architecture=True), "2 attentions"),
     ("MptModel", "MptConfig", dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64,
-                                   vocab_size=99)),
-], ids=["falcon_gqa_broadcast_to", "mpt_alibi"])
-def test_decoder_stacks_with_their_own_head_layouts_run_on_real_tokens(model_class, config_class, config):
+                                   vocab_size=99), "2 attentions"),
+    ("DebertaV2Model", "DebertaV2Config", dict(_SMALL, intermediate_size=64, relative_attention=True,
+                                               pos_att_type=["c2p", "p2c"], position_buckets=8,
+                                               max_relative_positions=16, norm_rel_ebd="layer_norm",
+                                               share_att_key=True, position_biased_input=False), "2 score terms"),
+], ids=["falcon_gqa_broadcast_to", "mpt_alibi", "deberta_v2_relative"])
+def test_stacks_with_their_own_head_and_position_schemes_run_on_real_tokens(model_class, config_class, config, note):
     """Falcon's grouped K/V widened with ``broadcast_to(query.shape)``; MPT's ALiBi added as [heads, 1, keys] (the
     block template declines it at its check) and, on transformers 4, its graph from the HF tracer, which reads
-    sizes as one tuple and the mask's dtype from the embedded tokens. Default frontend and patterns."""
+    sizes as one tuple and the mask's dtype from the embedded tokens; DeBERTa-v2/v3's disentangled attention, its
+    content-to-position and position-to-content terms computed from Q and K. Default frontend and patterns."""
     import transformers
 
     torch.manual_seed(0)
@@ -336,7 +343,7 @@ def test_decoder_stacks_with_their_own_head_layouts_run_on_real_tokens(model_cla
     spec = zoo.SPECS["llama"]
     opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1, left=True), inplace=False)
     rows = fxbt.report(opt).rewritten("padding_free")
-    assert len(rows) == 1 and "2 attentions" in rows[0].reason, str(fxbt.report(opt))
+    assert len(rows) == 1 and note in rows[0].reason, str(fxbt.report(opt))
     for left in (True, False):
         probe = zoo.make_inputs(spec, 4, 12, True, seed=2, left=left)
         assert real_token_error(spec, reference(model, probe), opt(**probe), probe) < TOL
@@ -375,24 +382,3 @@ def test_a_score_term_that_reads_every_position_keeps_the_stack_padded():
     assert all("score term" in r.reason and "mean" in r.reason for r in report.rejected("padding_free")), str(report)
     x, mask = handwritten.inputs(4, 11, seed=3)
     assert _masked_error(model, opt, x, mask) < TOL
-
-
-def test_deberta_v2_relative_attention_runs_on_real_tokens():
-    """DeBERTa-v2/v3's disentangled attention: content-to-position and position-to-content terms from Q and K,
-    log-bucketed relative positions, shared projections."""
-    import transformers
-
-    config = transformers.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=64, vocab_size=99, relative_attention=True,
-                                          pos_att_type=["c2p", "p2c"], position_buckets=8, max_relative_positions=16,
-                                          norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
-    torch.manual_seed(0)
-    model = transformers.DebertaV2Model(config).eval()
-    spec = zoo.SPECS["bert"]
-    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1), inplace=False)
-    rows = fxbt.report(opt).rewritten("padding_free")
-    assert len(rows) == 1 and "2 score terms" in rows[0].reason, str(fxbt.report(opt))
-    for left in (False, True):
-        probe = zoo.make_inputs(spec, 4, 12, True, seed=2, left=left)
-        assert real_token_error(spec, reference(model, probe), opt(**probe), probe) < TOL
-        assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
