@@ -3,6 +3,7 @@ BetterTransformer on one model and the same inputs, in one process. Prints one J
 
     python bettertransformer_worker.py MODEL INPUTS.pt --repeats 7        # medians and errors per input
     python bettertransformer_worker.py MODEL INPUTS.pt --memory-of NAME   # forward peak GB on the first input
+    python bettertransformer_worker.py MODEL INPUTS.pt --device cuda --dtype float16   # on a GPU, in fp16
 
 MODEL is a workload of workloads.py (bert_base, gpt2) or a pretrained model's folder; INPUTS.pt a list of
 keyword-input dicts saved with torch.save.
@@ -32,10 +33,10 @@ def real_token_error(want, got, mask) -> float:
     return diff.max().item()
 
 
-def build(model: str, name: str):
+def build(model: str, name: str, device="cpu", dtype=torch.float32):
     from optimum.bettertransformer import BetterTransformer
 
-    eager = workloads.model(model, "eager")
+    eager = workloads.model(model, "eager").to(device, dtype)
     return eager if name == "eager" else BetterTransformer.transform(eager, keep_original_model=False)
 
 
@@ -45,11 +46,14 @@ def main() -> None:
     parser.add_argument("inputs", type=Path)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-of", choices=["eager", "bettertransformer"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = parser.parse_args()
-    inputs = torch.load(args.inputs)
+    inputs = [{k: v.to(args.device) for k, v in x.items()} for x in torch.load(args.inputs)]
+    dtype = getattr(torch, args.dtype)
     import optimum.version
     import transformers
-    out = {"transformers": transformers.__version__, "optimum": optimum.version.__version__}
+    out = {"transformers": transformers.__version__, "optimum": optimum.version.__version__, "torch": torch.__version__}
     if args.memory_of:
         fn, x = build(args.model, args.memory_of), inputs[0]
         with torch.inference_mode():
@@ -57,7 +61,7 @@ def main() -> None:
             out["forward_peak_gb"] = harness.forward_peak_gb(lambda: fn(**x))
         print(json.dumps(out))
         return
-    variants = {name: build(args.model, name) for name in ("eager", "bettertransformer")}
+    variants = {name: build(args.model, name, args.device, dtype) for name in ("eager", "bettertransformer")}
     out["rows"] = []
     for x in inputs:
         with torch.inference_mode():

@@ -22,8 +22,10 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
                         mode: Callable = torch.inference_mode) -> dict[str, float]:
     """Median seconds per variant, running the variants in turn each round, in a rotated order, so that
     drift and whatever one variant leaves behind (caches, allocator state) hit all alike. All run under
-    ``mode()`` (``contextlib.nullcontext``: each variant sets its own grad mode)."""
+    ``mode()`` (``contextlib.nullcontext``: each variant sets its own grad mode). Where CUDA is in use, each
+    run waits for the device to finish, so a time is the run's and not its launches'."""
     names = list(variants)
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     with mode():
         for fn in variants.values():
             for _ in range(warmup):
@@ -32,8 +34,10 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
         for round_ in range(repeats):
             for name in names[round_ % len(names):] + names[:round_ % len(names)]:
                 fn = variants[name]
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

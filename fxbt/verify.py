@@ -1,7 +1,7 @@
 """Verification: every region against its original subgraph, on the example inputs.
 
 The graph runs once; at each region both the replacement and the original are computed from the same
-inputs and compared (fp32 max abs error). A region whose outputs differ beyond the tolerance, or whose
+inputs and compared (max abs error; in fp16 and bf16 relative to the output's magnitude). A region whose outputs differ beyond the tolerance, or whose
 replacement cannot compute the example at all (it raises, or finds a run-time assumption broken), is
 reverted: its original subgraph is put back in the graph, and the report row says why. Regions whose
 output is packed (the middle of a padding-free stack) are compared after unpacking; padded positions,
@@ -152,8 +152,17 @@ def _difference(want, out, region: Region, args) -> tuple[float, float]:
         elif region.kernel == "fused_encoder" and diff.dim() == 3:
             diff = torch.where(_keep_of(region, args, diff), diff, 0.0)
         worst = max(worst, diff.max().item() if diff.numel() else 0.0)
-        tol = max(tol, TOLERANCE.get(w.dtype, 1e-5))
+        tol = max(tol, _tolerance(w))
     return worst, tol or 1e-5
+
+
+def _tolerance(want: torch.Tensor) -> float:
+    """fp32 and fp64: absolute. fp16 and bf16: relative to the output's largest magnitude, since their rounding
+    is (two kernels' roundings of one sum differ by a few units in the last place of its magnitude)."""
+    tol = TOLERANCE.get(want.dtype, 1e-5)
+    if want.dtype in (torch.float16, torch.bfloat16) and want.numel():
+        tol *= max(1.0, torch.nan_to_num(want.float(), nan=0.0, posinf=0.0, neginf=0.0).abs().max().item())
+    return tol
 
 
 def _keep_of(region: Region, args, diff):

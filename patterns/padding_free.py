@@ -13,10 +13,12 @@ block template is assumed, and every norm, activation and position scheme runs a
 
 At run time the seed attention's own mask says which tokens are real: a key column masked for every query is
 padding. Positions read after the region by a fixed index (a pooler's first token) are computed even where
-they are padding: as queries they follow from the real keys like any token, so they come out exact. Each attention of the region then runs per sequence on that sequence's real tokens, with its mask
-restricted to them (none where it is all zeros, ``is_causal`` where it is causal). It is exact only if every
-real query gives the padded keys no weight, which is checked per call for every attention; a call where it
-does not hold, where nothing is padding, or where a position read after the region is padding, runs the
+they are padding: as queries they follow from the real keys like any token, so they come out exact. Each
+attention of the region then runs per sequence on that sequence's real tokens, with its mask restricted to them
+(none where it is all zeros, ``is_causal`` where it is causal); where no sequence keeps a mask, on CUDA in
+fp16 or bf16, all of them in one variable-length flash-attention call (fxbt/varlen.py). It is exact only if
+every real query gives the padded keys no weight, which is checked per call for every attention; a call where
+it does not hold, where nothing is padding, or where a position read after the region is padding, runs the
 original subgraph. Values leaving the region are scattered back with zeros at padded positions; what reads
 them across positions (pooling, a convolution over the sequence) was kept out of the region when it was grown.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fxbt import varlen
 from fxbt.canon import origin
 from fxbt.packing import Tokens
 from fxbt.padding import is_attention, merged_heads, packed_graph, token_region
@@ -217,6 +220,9 @@ def per_sequence_attention(tokens: Tokens, region, args, merged_heads: int = 1):
     q, k, v = (slot_value(region.slots[n], args) for n in ("q", "k", "v"))
     spec = _attention_spec(tokens, region, args, q.shape[1], merged_heads)
     masks = _restricted_masks(tokens, spec)
+    causal = varlen.uniform_causality(masks, tokens.lengths())
+    if causal is not None and varlen.fits(q, k, v, spec.dropout_p, spec.gqa):
+        return varlen.attention(tokens, q, k, v, causal, spec.scale, spec.gqa)
     outs = []
     for (start, n), (mask, causal) in zip(zip(tokens.offsets(), tokens.lengths()), masks):
         if n == 0:
@@ -255,6 +261,9 @@ def _restrict(tokens: Tokens, spec: _Spec):
     if bool((masked.all(-1, keepdim=True) & real_row).any()):
         # the original spreads such a row over every key, padded ones too
         raise UseOriginal("a computed token's row masks every key")
+    causal = _same_in_every_sequence(mask, masked, tokens, spec.is_causal)
+    if causal is not None:
+        return spec.mask, [(None, causal)] * tokens.batch
     out = []
     for i, positions in enumerate(tokens.positions()):
         sub = mask[i if mask.shape[0] > 1 else 0]
@@ -268,6 +277,23 @@ def _restrict(tokens: Tokens, spec: _Spec):
         else:
             out.append((sub.unsqueeze(0), spec.is_causal))
     return spec.mask, out  # the mask is kept alive with its entry: the key is its id
+
+
+def _same_in_every_sequence(mask, masked, tokens: Tokens, is_causal: bool) -> bool | None:
+    """What is left of the mask among every sequence's real tokens, tested for the whole batch at once: nothing
+    (False), exactly the keys after each query (True: causal), or neither for some sequence (None: each sequence
+    keeps its own restriction). Attentions that are causal already stay causal."""
+    keep = tokens.keep
+    pairs = keep[:, None, None, :] & (keep[:, None, :, None] if mask.shape[-2] > 1 else True)  # real query, real key
+    moved = ~masked & (mask != 0) if mask.dtype != torch.bool else torch.zeros_like(masked)  # a finite bias
+    left = [(pairs & (masked | moved)).any()]
+    if mask.shape[-2] == tokens.seq:
+        later = torch.ones(tokens.seq, tokens.seq, dtype=torch.bool, device=mask.device).triu(1)  # key after query
+        left.append((pairs & ((masked ^ later) | moved)).any())
+    nothing, *causal = torch.stack(left).tolist()  # one sync for both
+    if not nothing:
+        return is_causal
+    return True if causal and not causal[0] else None
 
 
 def _masked(mask: torch.Tensor) -> torch.Tensor:

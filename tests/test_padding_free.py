@@ -382,3 +382,44 @@ def test_a_score_term_that_reads_every_position_keeps_the_stack_padded():
     assert all("score term" in r.reason and "mean" in r.reason for r in report.rejected("padding_free")), str(report)
     x, mask = handwritten.inputs(4, 11, seed=3)
     assert _masked_error(model, opt, x, mask) < TOL
+
+
+def _left_among_real_tokens(mask: torch.Tensor, keep: torch.Tensor):
+    """Oracle, one sequence at a time: what its mask among its real tokens can be read as, False (nothing) or
+    True (exactly causal; a sequence of one token is both); the batch's verdict is one every sequence allows
+    (nothing first), None where there is none."""
+    common = {False, True}
+    for row, real in zip(mask.expand(keep.shape[0], -1, keep.shape[1], -1), keep):
+        sub = row[:, real][:, :, real]
+        unmasked = sub if sub.dtype == torch.bool else sub == 0
+        lower = torch.ones(sub.shape[-2:], dtype=torch.bool).tril()
+        common &= {v for v, holds in ((False, unmasked.all()), (True, (unmasked == lower).all())) if holds}
+    return False if False in common else True if common else None
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("kind", ["keys", "causal", "causal_short", "bias", "one_sequence_biased"])
+@pytest.mark.parametrize("left", [False, True])
+def test_what_a_mask_leaves_among_real_tokens_is_found_for_the_batch_at_once(kind, dtype, left):
+    """The varlen path rests on this: every sequence's mask among its real tokens is nothing or causal."""
+    from fxbt.packing import Tokens
+    from patterns.padding_free import _masked, _same_in_every_sequence
+
+    batch, seq = 4, 7
+    keep = zoo._mask(batch, seq, True, left=left).bool()
+    allowed = keep[:, None, None, :].expand(batch, 1, seq, seq).clone()  # [b, 1, q, k]: True = may attend
+    if kind.startswith("causal"):
+        allowed &= torch.ones(seq, seq, dtype=torch.bool).tril()
+    if kind == "causal_short":  # the queries axis broadcasts (the last query's row): nothing left
+        allowed = allowed[:, :, -1:]
+    bias = torch.zeros(batch, 1, allowed.shape[2], seq)
+    if kind == "bias":
+        bias += torch.arange(seq, dtype=torch.float32)
+    if kind == "one_sequence_biased":
+        bias[1] += 0.5
+    if dtype == torch.bool and kind in ("bias", "one_sequence_biased"):
+        allowed[1, 0, :, -1 if left else 0] = False  # a bool mask's own near miss: a real key hidden in one sequence
+    mask = allowed if dtype == torch.bool else torch.where(allowed, bias, torch.finfo(torch.float32).min)
+    want = _left_among_real_tokens(mask, keep)
+    assert _same_in_every_sequence(mask, _masked(mask), Tokens(keep), False) == want
+    assert want == {"keys": False, "causal": True, "causal_short": False}.get(kind, None)
