@@ -214,6 +214,10 @@ def _attention_spec(tokens: Tokens, region, args, heads: int, merged_heads: int)
     return _Spec(mask, p["is_causal"], scale, 0.0 if verifying() else p["dropout_p"], p["enable_gqa"], None)
 
 
+# devices where sequences varlen's kernel cannot take run as one padded SDPA call rather than one call each
+ONE_PADDED_CALL = {"cuda"}
+
+
 def per_sequence_attention(tokens: Tokens, region, args, merged_heads: int = 1):
     """One attention region on packed q, k, v ([T, heads, head dim]): each sequence on its real tokens.
     ``merged_heads`` > 1: the padded operands merge that many heads into their batch axis ([b·h, s, d])."""
@@ -223,6 +227,8 @@ def per_sequence_attention(tokens: Tokens, region, args, merged_heads: int = 1):
     causal = varlen.uniform_causality(masks, tokens.lengths())
     if causal is not None and varlen.fits(q, k, v, spec.dropout_p, spec.gqa):
         return varlen.attention(tokens, q, k, v, causal, spec.scale, spec.gqa)
+    if causal is not None and q.device.type in ONE_PADDED_CALL:
+        return varlen.padded_attention(tokens, q, k, v, causal, spec.scale, spec.dropout_p, spec.gqa)
     outs = []
     for (start, n), (mask, causal) in zip(zip(tokens.offsets(), tokens.lengths()), masks):
         if n == 0:

@@ -1,9 +1,9 @@
 """On a CUDA device (skipped without one; CI has none): padding-free stacks and encoder blocks on the GPU.
 
 fp32 runs must match the model's own outputs on real tokens as on the CPU; fp16 runs must be no further from the
-model's fp32 outputs than the model's own fp16 forward is (twice that, plus fp16 rounding at the outputs' scale),
-and attention must have run as one variable-length flash-attention call where no mask is left among the real
-tokens (key padding, causal with left padding).
+model's fp32 outputs than the model's own fp16 forward is (twice that, plus fp16 rounding at the outputs' scale).
+Where no mask is left among the real tokens (key padding, causal with left padding), each attention must have run
+as one call: variable-length flash attention in fp16, the sequences padded to the longest in fp32.
 """
 from __future__ import annotations
 
@@ -28,22 +28,30 @@ def _on_cuda(batch: dict) -> dict:
     return {k: v.cuda() for k, v in batch.items()}
 
 
-@pytest.fixture
-def varlen_calls(monkeypatch):
-    calls = []
-    original = varlen.attention
+def _count(monkeypatch, name: str) -> list:
+    calls, original = [], getattr(varlen, name)
 
     def counted(*args, **kwargs):
         calls.append(args[1].dtype)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(varlen, "attention", counted)
+    monkeypatch.setattr(varlen, name, counted)
     return calls
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    return _count(monkeypatch, "attention")
+
+
+@pytest.fixture
+def padded_calls(monkeypatch):
+    return _count(monkeypatch, "padded_attention")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name,attn,left", STACKS)
-def test_stacks_run_padding_free_on_cuda(name, attn, left, dtype, varlen_calls):
+def test_stacks_run_padding_free_on_cuda(name, attn, left, dtype, varlen_calls, padded_calls):
     spec = zoo.SPECS[name]
     model32 = spec.build(attn).cuda()
     model = spec.build(attn).cuda().to(dtype)
@@ -53,11 +61,12 @@ def test_stacks_run_padding_free_on_cuda(name, attn, left, dtype, varlen_calls):
     probe = _on_cuda(zoo.make_inputs(spec, 4, 12, True, seed=4, left=left))
     opt(**probe)  # a graph for the probe's sizes, where the example's were pinned: verified on this call
     varlen_calls.clear()
+    padded_calls.clear()
     got = opt(**probe)
     assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
     if dtype == torch.float32:
         assert real_token_error(spec, reference(model, probe), got, probe) < 1e-5
-        assert not varlen_calls  # flash attention has no fp32
+        assert not varlen_calls and len(padded_calls) == zoo.L  # flash attention has no fp32: one padded call
         return
     want = reference(model32, probe)
     own = real_token_error(spec, want, reference(model, probe), probe)
@@ -105,3 +114,33 @@ def test_auto_leaves_encoder_stacks_to_the_padding_free_pass_on_cuda():
     report = fxbt.report(opt)
     assert len(report.rewritten("padding_free")) == 1 and not report.rewritten("fused_encoder"), str(report)
     assert any("padding-free pass takes the stack" in r.reason for r in report.rejected("fused_encoder"))
+
+
+def test_training_step_on_cuda_attends_in_one_padded_call_with_the_models_gradients(padded_calls):
+    """Dropout rules flash attention's varlen out: one padded SDPA call per attention, gradients as the model's
+    with dropout off."""
+    from test_padding_free import _gradient_error
+
+    spec = zoo.SPECS["bert"]
+    model = spec.build("sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).cuda().train()
+    opt = fxbt.optimize(model, _on_cuda(spec.example()), inplace=False, patterns=PASS)
+    probe = _on_cuda(spec.probe())
+    opt(**probe)  # a graph for the probe's sizes, where the example's were pinned: verified on this call
+    padded_calls.clear()
+    assert _gradient_error(model, opt, probe) < 1e-5
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"] and len(padded_calls) == zoo.L
+
+
+@pytest.mark.parametrize("name,left", [("bert", False), ("llama", True)])
+def test_a_model_optimized_on_the_cpu_then_moved_to_cuda_runs_there(name, left):
+    """The CPU graph's constants and tokens bookkeeping must not leak into a call on CUDA: the call gets a graph
+    of its own, outputs as the model's."""
+    spec = zoo.SPECS[name]
+    twin = spec.build("sdpa")
+    model = fxbt.optimize(spec.build("sdpa"), zoo.make_inputs(spec, 3, 9, True, seed=1, left=left))
+    model.cuda()
+    probe = zoo.make_inputs(spec, 4, 12, True, seed=4, left=left)
+    got = model(**_on_cuda(probe))
+    assert got[0].is_cuda
+    want = reference(twin, probe)
+    assert real_token_error(spec, want, type(want)({k: v.cpu() for k, v in got.items()}), probe) < 1e-5

@@ -232,20 +232,23 @@ def test_gradients_through_the_packed_stack():
     opt = fxbt.optimize(model, spec.example(), inplace=False, patterns=PASS)
     assert fxbt.report(opt).rewritten("padding_free"), str(fxbt.report(opt))
     probe = spec.probe()
-    # a linear loss over real tokens
-    weight = probe["attention_mask"][..., None] * torch.randn(*probe["attention_mask"].shape, 32,
-                                                               generator=torch.Generator().manual_seed(0))
+    assert _gradient_error(model, opt, probe) < TOL
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+
+
+def _gradient_error(model, opt, probe) -> float:
+    """Largest difference of the parameters' gradients of a linear loss over real tokens, relative to each
+    gradient's scale: sums over many tokens (embedding tables reach ~100s) round in fp32."""
+    mask = probe["attention_mask"]
+    weight = mask[..., None] * torch.randn(*mask.shape, zoo.H, generator=torch.Generator().manual_seed(0)).to(mask.device)
     grads = []
     for m in (opt, model):
         m.zero_grad()
-        (m(**probe).last_hidden_state * weight).sum().backward()
+        (m(**probe)[0] * weight).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
     assert grads[0].keys() == grads[1].keys()
-    # relative to each gradient's scale: sums over many tokens (embedding tables reach ~100s) round in fp32
-    worst = max(((grads[0][n] - grads[1][n]).abs().max() / grads[1][n].abs().max().clamp(min=1)).item()
-                for n in grads[0])
-    assert worst < TOL
+    return max(((grads[0][n] - grads[1][n]).abs().max() / grads[1][n].abs().max().clamp(min=1)).item()
+               for n in grads[0])
 
 
 @pytest.mark.parametrize("model_class,config_class,config", [
@@ -403,7 +406,7 @@ def _left_among_real_tokens(mask: torch.Tensor, keep: torch.Tensor):
 def test_what_a_mask_leaves_among_real_tokens_is_found_for_the_batch_at_once(kind, dtype, left):
     """The varlen path rests on this: every sequence's mask among its real tokens is nothing or causal."""
     from fxbt.packing import Tokens
-    from patterns.padding_free import _masked, _same_in_every_sequence
+    from fxbt.patterns.padding_free import _masked, _same_in_every_sequence
 
     batch, seq = 4, 7
     keep = zoo._mask(batch, seq, True, left=left).bool()
@@ -423,3 +426,25 @@ def test_what_a_mask_leaves_among_real_tokens_is_found_for_the_batch_at_once(kin
     want = _left_among_real_tokens(mask, keep)
     assert _same_in_every_sequence(mask, _masked(mask), Tokens(keep), False) == want
     assert want == {"keys": False, "causal": True, "causal_short": False}.get(kind, None)
+
+
+@pytest.mark.parametrize("name,attn,left", [("bert", "sdpa", False), ("llama", "sdpa", True), ("gpt2", "eager", True)])
+def test_sequences_padded_again_to_the_longest_match_one_call_per_sequence(name, attn, left, monkeypatch):
+    """The one-call form CUDA uses where flash attention does not fit (fp32, dropout), run here on the CPU: same
+    outputs as the model, and gradients equal to the model's with dropout off."""
+    from fxbt import varlen
+    from fxbt.patterns import padding_free
+
+    calls, original = [], varlen.padded_attention
+    monkeypatch.setattr(padding_free, "ONE_PADDED_CALL", {"cpu"})
+    monkeypatch.setattr(varlen, "padded_attention", lambda *a: calls.append(a[4]) or original(*a))
+    spec = zoo.SPECS[name]
+    model = spec.build(attn)
+    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1, left=left), inplace=False, patterns=PASS)
+    probe = zoo.make_inputs(spec, 4, 12, True, seed=4, left=left)
+    calls.clear()
+    assert real_token_error(spec, reference(model, probe), opt(**probe), probe) < TOL
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+    assert calls == [name != "bert"] * zoo.L  # causal for the decoders
+    assert _gradient_error(model, opt, probe) < TOL
+
