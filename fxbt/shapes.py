@@ -153,6 +153,9 @@ def _dynamo_conditions(env, placeholder_names: list[str], input_names: list[str]
         if expr is sympy.true:
             continue
         if not expr.free_symbols <= stand_in.keys():
+            unknown = expr.free_symbols - stand_in.keys()
+            sources = {str(x): [s.name for s in env.var_to_sources.get(x, [])] for x in unknown}
+            log.info("fxbt: dynamo guard %s reads sizes no graph input carries (%s); sizes pinned", expr, sources)
             return None
         text = PythonPrinter().doprint(expr.xreplace(stand_in))
         conditions.append(_STAND_IN.sub(lambda m: f"L['t{m[1]}'].size()[{m[2]}]", text))
