@@ -62,12 +62,7 @@ def bert(paddings, repeats: int, site: str | None) -> dict:
         optimize_s[name] = time.perf_counter() - start
     rows = []
     for padding, cpu_batch in zip(paddings, batches):
-        batch = on_device(cpu_batch)
-        times = harness.interleaved_medians({k: (lambda m=m: m(**batch)) for k, m in peers.items()}, repeats,
-                                            warmup=2)
-        with torch.inference_mode():
-            want = reference(**batch)
-            errors = {k: real_error(want, m(**batch), batch["attention_mask"]) for k, m in peers.items()}
+        times, errors = timed(peers, reference, on_device(cpu_batch), repeats)
         rows.append({"padding": padding, "ms": {k: 1000 * v for k, v in times.items()}, "max_err": errors,
                      "over_eager": {k: times["eager"] / v for k, v in times.items()}})
         print(json.dumps(rows[-1]), flush=True)
@@ -75,6 +70,16 @@ def bert(paddings, repeats: int, site: str | None) -> dict:
     if site:
         result["bettertransformer"] = bettertransformer(batches, repeats, site)
     return result
+
+
+def timed(peers: dict, reference, batch: dict, repeats: int) -> tuple[dict, dict]:
+    """Each peer's median seconds on ``batch`` (interleaved), and its max error on real tokens against
+    ``reference`` (the fp32 model)."""
+    times = harness.interleaved_medians({k: (lambda m=m: m(**batch)) for k, m in peers.items()}, repeats, warmup=2)
+    with torch.inference_mode():
+        want = reference(**batch)
+        errors = {k: real_error(want, m(**batch), batch["attention_mask"]) for k, m in peers.items()}
+    return times, errors
 
 
 def calls(model) -> dict:
@@ -110,12 +115,7 @@ def llama(paddings, repeats: int) -> list[dict]:
     optimize_s = time.perf_counter() - start
     rows = []
     for padding in paddings:
-        batch = on_device(padding_free.inputs("llama", padding))
-        times = harness.interleaved_medians({k: (lambda m=m: m(**batch)) for k, m in peers.items()}, repeats,
-                                            warmup=2)
-        with torch.inference_mode():
-            want = reference(**batch)
-            errors = {k: real_error(want, m(**batch), batch["attention_mask"]) for k, m in peers.items()}
+        times, errors = timed(peers, reference, on_device(padding_free.inputs("llama", padding)), repeats)
         rows.append({"padding": padding, "ms": {k: 1000 * v for k, v in times.items()}, "max_err": errors,
                      "over_sdpa": times["sdpa"] / times["fxbt"], "optimize_s": optimize_s,
                      "calls": calls(peers["fxbt"])})
