@@ -604,6 +604,7 @@ class Packed:
     inputs: list  # outside nodes, in the placeholders' order
     outputs: list  # region nodes whose values leave the region, in the output tuple's order
     output_axes: tuple  # per output, its (batch, sequence) axes; None for a Python value
+    feeders: frozenset = frozenset()  # outside nodes computed inside it, for its islands (`_island_feeders`)
 
 
 def packed_graph(gm: torch.fx.GraphModule, region: Region, seed: torch.fx.Node, make_tokens: Callable,
@@ -634,10 +635,11 @@ class _Builder:
 
     def build(self, seed, make_tokens, attention) -> Packed:
         islands = self.region.island_nodes
-        nodes = _in_order(self.gm, self.region.nodes | islands)
+        feeders = _island_feeders(self.gm, self.region)
+        nodes = _in_order(self.gm, self.region.nodes | islands | feeders)
         for node in nodes:
             for a in node.all_input_nodes:
-                if a not in self.region.nodes and a not in islands:
+                if a not in self.region.nodes and a not in islands and a not in feeders:
                     self._input(a)
         batch, seq = self._grid_sizes(nodes)
         # the seed's real tokens come from its mask without its score terms: a term only added never masks a key
@@ -653,8 +655,9 @@ class _Builder:
         self.tokens = self.graph.call_function(make_tokens, (self.graph.get_attr(seed.target), seed_args, batch, seq,
                                                               reads, gathers, merged_heads(self.gm, seed, self.region)))
         for node in nodes:
-            self.env[node] = self._island(node) if node in islands else self._translate(node, attention)
-        outputs = [n for n in nodes if n not in islands and any(
+            self.env[node] = self._island(node) if node in islands or node in feeders else \
+                self._translate(node, attention)
+        outputs = [n for n in nodes if n not in islands and n not in feeders and any(
             u not in self.region.nodes and u not in islands and not _served_by_input(u, n, self.region, self.inputs)
             for u in n.users)]  # a size read outside: read off an input instead
         values, axes = [], []
@@ -668,7 +671,7 @@ class _Builder:
                 axes.append(None)
         self.graph.output(tuple(values) + (self.tokens,))
         module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
-        return Packed(module, self.inputs, outputs, tuple(axes))
+        return Packed(module, self.inputs, outputs, tuple(axes), frozenset(feeders))
 
     def _island(self, node):
         """A node of a score term's island, as the model wrote it, on the region's values padded again."""
@@ -1090,6 +1093,21 @@ def merged_heads(gm, attention, region: Region) -> int:
 def _attention_operand(gm, node, name):
     slot = gm.get_submodule(node.target).slots[name]
     return node.args[slot.index] if slot.index is not None else None
+
+
+def _island_feeders(gm, region: Region) -> set:
+    """Nodes outside the region computed for its islands alone (DeBERTa's position keys, projected and repeated
+    over the batch in each layer). As inputs of the packed graph they would all be computed before it and held
+    at once (24 tensors of 12 MB each for DeBERTa-v3-base at batch 8, fresh pages on every call); inside it, each
+    is computed where the model computes it and freed after its use. Random ops stay outside."""
+    islands, found = region.island_nodes, set()
+    for node in reversed(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node in region.nodes or node in islands:
+            continue
+        if node.users and all(u in islands or u in found for u in node.users) and \
+                canonical_op(node, gm).op != "dropout" and "rand" not in _name(node) and "bernoulli" not in _name(node):
+            found.add(node)
+    return found
 
 
 def _in_order(gm, nodes) -> list:

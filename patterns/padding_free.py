@@ -350,7 +350,7 @@ def check_padding_free(match) -> Accept | Decline:
     terms = f", {len(region.islands)} score terms from its values" if region.islands else ""
     return Accept(inputs={"inputs": tuple(packed.inputs)},
                   params={"graph": packed.graph, "output_axes": packed.output_axes, **key_padding},
-                  absorb=tuple(region.nodes | region.island_nodes), outputs=tuple(packed.outputs),
+                  absorb=tuple(region.nodes | region.island_nodes | packed.feeders), outputs=tuple(packed.outputs),
                   note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens"
                        f"{terms}", impl="packed")
 

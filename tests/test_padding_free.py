@@ -448,3 +448,16 @@ def test_sequences_padded_again_to_the_longest_match_one_call_per_sequence(name,
     assert calls == [name != "bert"] * zoo.L  # causal for the decoders
     assert _gradient_error(model, opt, probe) < TOL
 
+
+
+def test_what_only_a_score_term_reads_is_computed_inside_the_packed_stack():
+    """Each layer's projection of the position table feeds its score term alone: it is computed inside the packed
+    graph where the model computes it, not before the stack as one of its inputs (DeBERTa held all 24 at once)."""
+    torch.manual_seed(0)
+    model = handwritten.RelativeScoreStack("c2p").eval()
+    opt = fxbt.optimize(model, handwritten.inputs(3, 9), inplace=False, patterns=PASS)
+    packed = next(r.packed for _, r in regions(opt) if r.kernel == "padding_free")
+    linears = [n for n in packed.graph.nodes if getattr(n.target, "__name__", str(n.target)) == "linear"]
+    assert len(linears) == 2 * len(model.qkv), packed.graph  # each layer's qkv and its position projection
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    assert _masked_error(model, opt, x, mask) < TOL
