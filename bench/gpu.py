@@ -18,9 +18,9 @@ the model's fp32 eager output on the same device (fp16 eager's own error beside 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -131,17 +131,9 @@ def training(repeats: int, padding: float = 0.5) -> dict:
     def step(model):
         model.zero_grad(set_to_none=True)
         model(**batch).last_hidden_state.pow(2).mean().backward()
-        torch.cuda.synchronize()
 
-    for model in models.values():
-        step(model)
-    times = {k: [] for k in models}
-    for i in range(repeats):
-        for key in (list(models) if i % 2 else list(models)[::-1]):
-            start = time.perf_counter()
-            step(models[key])
-            times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = harness.interleaved_medians({k: (lambda m=m: step(m)) for k, m in models.items()}, repeats,
+                                      mode=contextlib.nullcontext)  # gradients on
     row = {"padding": padding, "ms": {k: 1000 * v for k, v in med.items()}, "over_eager": med["eager"] / med["fxbt"],
            "calls": calls(models["fxbt"])}
     print(json.dumps(row), flush=True)

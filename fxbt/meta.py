@@ -129,8 +129,24 @@ _NONDETERMINISTIC = ("rand", "empty", "dropout", "bernoulli", "normal", "uniform
 
 
 def deterministic(node: torch.fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return not any(word in name for word in _NONDETERMINISTIC)
+    return not any(word in target_name(node) for word in _NONDETERMINISTIC)
+
+
+def target_name(node: torch.fx.Node) -> str:
+    """The name of what a node calls: a method's name, a function's ``__name__``."""
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def ancestors(nodes) -> set:
+    """``nodes`` (the fx nodes among them) and every node they are computed from."""
+    found, frontier = set(), [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while frontier:
+        n = frontier.pop()
+        if n not in found:
+            found.add(n)
+            frontier.extend(n.all_input_nodes)
+    return found
 
 
 def describe(value: Any, keep: bool) -> Any:

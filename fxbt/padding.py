@@ -27,7 +27,7 @@ import torch.fx
 
 from . import packing, score_terms
 from .canon import canonical_op
-from .meta import TensorInfo, is_size_query
+from .meta import TensorInfo, ancestors, deterministic, is_size_query, target_name as _name
 from .region import boundary, metadata_stand_in, reads_metadata_only
 from .shapes import is_static, same, sym
 from .tokens import POSITIONWISE, padded_reads
@@ -259,22 +259,12 @@ def _find_islands(gm, region: Region) -> None:
     """The additive score terms of the region's attentions computed from its values (DeBERTa's relative
     positions from Q and K): their nodes leave the region and run padded inside the packed graph."""
     for node in [n for n in region.nodes if is_attention(gm, n)]:
-        operands = _ancestry([_attention_operand(gm, node, n) for n in ("q", "k", "v")])
+        operands = ancestors([_attention_operand(gm, node, n) for n in ("q", "k", "v")])
         for term in _additive_terms(gm, node):
             found = score_terms.island(term, lambda a: a in region.nodes) - operands
             if term in found:
                 region.islands[term] = found
                 region.nodes -= found
-
-
-def _ancestry(nodes) -> set:
-    found, frontier = set(), [n for n in nodes if isinstance(n, torch.fx.Node)]
-    while frontier:
-        n = frontier.pop()
-        if n not in found:
-            found.add(n)
-            frontier.extend(n.all_input_nodes)
-    return found
 
 
 def _drop_unproven_islands(gm, region: Region) -> bool:
@@ -455,10 +445,10 @@ def _prune_padded_reads(gm, region: Region) -> bool:
     """A value leaving the region whose padded positions something reads across positions: take back every
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
     region.reads, region.key_readers, region.gathers = set(), set(), set()
+    islands = region.island_nodes
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
             continue
-        islands = region.island_nodes
         outside = [u for u in node.users if u not in region.nodes and u not in islands and not is_size_query(u)]
         if not outside:
             continue
@@ -1104,8 +1094,7 @@ def _island_feeders(gm, region: Region) -> set:
     for node in reversed(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or node in region.nodes or node in islands:
             continue
-        if node.users and all(u in islands or u in found for u in node.users) and \
-                canonical_op(node, gm).op != "dropout" and "rand" not in _name(node) and "bernoulli" not in _name(node):
+        if node.users and all(u in islands or u in found for u in node.users) and deterministic(node):
             found.add(node)
     return found
 
@@ -1113,11 +1102,6 @@ def _island_feeders(gm, region: Region) -> set:
 def _in_order(gm, nodes) -> list:
     """``nodes`` in graph order (region calls have no captured position)."""
     return [n for n in gm.graph.nodes if n in nodes]
-
-
-def _name(node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _arg(node, index, name, default=None):

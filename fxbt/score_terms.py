@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from .canon import canonical_op
-from .meta import is_size_query
+from .meta import ancestors, is_size_query, target_name as _name
 from .shapes import sym
 
 _POINTWISE = frozenset({"add", "sub", "mul", "div", "truediv", "neg", "to", "type_as", "float", "contiguous",
@@ -34,14 +34,8 @@ _SWAPS = frozenset({"transpose", "swapaxes"})
 def island(term: torch.fx.Node, carries_tokens) -> set:
     """The nodes of ``term`` that depend on a value carrying tokens (``carries_tokens(node)``): what must be
     computed from the stack's values. Empty when the term does not depend on any."""
-    seen, frontier = set(), [term]
-    while frontier:
-        node = frontier.pop()
-        if node not in seen:
-            seen.add(node)
-            frontier.extend(node.all_input_nodes)
     found = set()
-    for node in _in_order(term.graph, seen):  # sizes read off the stack's values are the region's to answer
+    for node in _in_order(term.graph, ancestors([term])):  # sizes read off the stack's values are the region's to answer
         if node.op in ("call_function", "call_method") and not node.meta.get("fxbt_shape_only") and \
                 not is_size_query(node) and any(a in found or carries_tokens(a) for a in node.all_input_nodes):
             found.add(node)
@@ -150,8 +144,3 @@ def _broadcast(*shapes) -> tuple | str:
             return "an element-wise op joins a token axis with a batch axis"
         out.append(found.pop() if found else None)
     return tuple(out)
-
-
-def _name(node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))

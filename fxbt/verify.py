@@ -1,9 +1,10 @@
 """Verification: every region against its original subgraph, on the example inputs.
 
 The graph runs once; at each region both the replacement and the original are computed from the same
-inputs and compared (max abs error; in fp16 and bf16 relative to the output's magnitude). A region whose outputs differ beyond the tolerance, or whose
-replacement cannot compute the example at all (it raises, or finds a run-time assumption broken), is
-reverted: its original subgraph is put back in the graph, and the report row says why. Regions whose
+inputs and compared (max abs error; in fp16 and bf16 relative to the output's magnitude). A region whose
+outputs differ beyond the tolerance, or whose replacement cannot compute the example at all (it raises, or
+finds a run-time assumption broken), is reverted: its original subgraph is put back in the graph, and the
+report row says why. Regions whose
 output is packed (the middle of a padding-free stack) are compared after unpacking; padded positions,
 which such stacks leave as zeros by design, are not compared.
 

@@ -58,8 +58,8 @@ from .attention import MASKED, build_mask, check_padded_keys
 
 DEFAULT_IMPL = {"cpu": "dense", "cuda": "fused"}  # a block captured on one device and called on another
 # devices where, under encoder_impl="auto", blocks are left to the padding-free pass (variable-length flash
-# attention on the model's own ops): on an H100, BERT-base fp16 batch 64 sequence 256 ran 10.3 ms against the
-# fused kernel's 13.0 at 50% padding (bench/RESULTS.md)
+# attention on the model's own ops): on an H100, BERT-base fp16 batch 64 sequence 256 ran 11.7 ms against the
+# fused kernel's 15.4 at 50% padding (bench/RESULTS.md)
 PADDING_FREE_DEVICES = {"cuda"}
 
 

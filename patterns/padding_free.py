@@ -15,8 +15,9 @@ At run time the seed attention's own mask says which tokens are real: a key colu
 padding. Positions read after the region by a fixed index (a pooler's first token) are computed even where
 they are padding: as queries they follow from the real keys like any token, so they come out exact. Each
 attention of the region then runs per sequence on that sequence's real tokens, with its mask restricted to them
-(none where it is all zeros, ``is_causal`` where it is causal); where no sequence keeps a mask, on CUDA in
-fp16 or bf16, all of them in one variable-length flash-attention call (fxbt/varlen.py). It is exact only if
+(none where it is all zeros, ``is_causal`` where it is causal); where no sequence keeps a mask, on CUDA, all of
+them in one call (fxbt/varlen.py): variable-length flash attention in fp16 or bf16, otherwise one SDPA call over
+the sequences padded to the longest. It is exact only if
 every real query gives the padded keys no weight, which is checked per call for every attention; a call where
 it does not hold, where nothing is padding, or where a position read after the region is padding, runs the
 original subgraph. Values leaving the region are scattered back with zeros at padded positions; what reads
