@@ -1,8 +1,8 @@
 """Grad mode: all-MiniLM-L6-v2 in eval mode, batch 32 real sentences, with gradients enabled against
 ``torch.no_grad()`` and ``torch.inference_mode()``, fxbt and the model it optimizes (transformers' default
-attention; ``fxbt.optimize(model)``, no example), interleaved. fxbt's padding-free blocks run their ``dense`` implementation, which has autograd, so
-a call with gradients enabled should take the fast path and cost what it costs under inference_mode; the
-report's call counts tell which path each mode took.
+attention; ``fxbt.optimize(model)``, no example), interleaved. In eval mode with gradients enabled fxbt runs
+the graph without recording (fxbt/recompute.py), so such a call should cost what it costs under inference_mode;
+the report's call counts tell which path each mode took.
 
     python bench/grad_mode.py [--repeats 15] [--out results/grad-mode.json]
 """

@@ -423,8 +423,8 @@ def render_grad() -> list[str]:
     ratio, own = ms["fxbt grad"] / ms["fxbt inference_mode"], ms["original grad"] / ms["original inference_mode"]
     lines += ["", f"Target (with gradients enabled as fast as under inference_mode): **{'met' if ratio <= 1.05 else 'not met'}"
               f"** — fxbt takes {ratio:.2f}x its inference_mode time with gradients enabled (the original model "
-              f"{own:.2f}x): the fast path runs (the calls above), and what remains is autograd recording the "
-              "graph and keeping tensors for a backward pass.", ""]
+              f"{own:.2f}x): with gradients enabled the graph runs without recording and runs again only for a "
+              "backward (fxbt/recompute.py); the calls above are the forward's.", ""]
     return lines
 
 

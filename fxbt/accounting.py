@@ -23,6 +23,7 @@ import torch.fx
 
 from .canon import TRANSPARENT, CanonicalGraph, Const, Virtual, origin
 from .decompose import OPAQUE
+from .meta import target_name
 from .report import Report, Row
 
 PATTERN = "softmax_attention"
@@ -128,7 +129,6 @@ def _numel(key) -> int:
 
 def _describe(g, key) -> str:
     node = origin(key)
-    if node.op == "call_function" and getattr(node.target, "__name__", "") == "einsum":
+    if node.op == "call_function" and target_name(node) == "einsum":
         return f"einsum {node.args[0]!r}"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.name} ({target})"
+    return f"{node.name} ({target_name(node)})"

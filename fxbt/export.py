@@ -42,6 +42,7 @@ import torch.utils._pytree as pytree
 
 from .calling import CallSpec
 from .errors import ExportError, InputError
+from .meta import target_name as _target_name
 from .region import Region, Slot, unroll_regions
 from .report import Report, Row
 
@@ -105,10 +106,6 @@ def _graph_text(gm: torch.fx.GraphModule, format: str) -> str:
     if format == "json":
         return json.dumps(nx.node_link_data(graph, edges="edges"), indent=1, default=str)
     return _dot(graph)
-
-
-def _target_name(node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _dot(graph: nx.DiGraph) -> str:

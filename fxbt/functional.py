@@ -14,7 +14,7 @@ import operator
 import torch
 import torch.fx
 
-from .meta import writes_in_place
+from .meta import target_name as _name, writes_in_place
 
 # ops whose result is new memory (a view or the input itself is never returned)
 _ALLOCATING = frozenset({
@@ -73,10 +73,6 @@ def _out_of_place_target(node: torch.fx.Node):
     if node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3 and not node.users:
         return assign
     return None
-
-
-def _name(node: torch.fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
 def _fresh(node: torch.fx.Node) -> bool:

@@ -63,7 +63,7 @@ def shape_only_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     writes other values into is not, nor is anything computed from it."""
     found = _shape_only(graph, set())
     written = {base for node in graph.nodes if writes_in_place(node) and not all(a in found for a in node.all_input_nodes)
-               for base in _bases(node.kwargs.get("out", node.args[0] if node.args else None))}
+               for base in written_by(node)}
     return _shape_only(graph, written) if written else found
 
 
@@ -92,6 +92,11 @@ def writes_in_place(node: torch.fx.Node) -> bool:
     name = getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.startswith("_") and \
         getattr(node.target, "__module__", "") not in ("_operator", "operator")  # operator.and_ is ``&``
+
+
+def written_by(node: torch.fx.Node) -> set:
+    """What an in-place op writes into: its target and every tensor that target may be a view of."""
+    return _bases(node.kwargs.get("out", node.args[0] if node.args else None))
 
 
 def _bases(node: torch.fx.Node) -> set:

@@ -29,6 +29,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from . import recompute
 from .errors import CaptureError, FxbtError, InputError
 from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque
 from .region import RecomputeCall
@@ -53,6 +54,7 @@ class Specialization:
     state: StateGuard
     gm: torch.fx.GraphModule
     reason: str
+    replay: list | None = None  # the graph's own tensors where it can run again for a backward (recompute.py)
     calls: int = 0
     _flat: Callable | None = field(default=None, repr=False)
     _flat_code: str | None = field(default=None, repr=False)
@@ -66,7 +68,8 @@ class Specialization:
         if self._flat is None or self._flat_code is not self.gm.code:
             self._flat, self._flat_code = flat_forward(self.gm), self.gm.code
         self.calls += 1
-        outputs = self._flat(self.gm, *leaves)
+        graph = lambda given: self._flat(self.gm, *given)  # noqa: E731
+        outputs = recompute.run(graph, leaves, self.replay) if self.replay is not None else graph(leaves)
         return pytree.tree_unflatten(list(outputs), self.gm._fxbt_out_spec)
 
 
@@ -256,7 +259,8 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
     report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
     apply_and_verify(gm, rules, report, {"encoder_impl": options.encoder_impl}, captured.flat_inputs, options.verify)
     gm.fxbt_report = report
-    return Specialization(key, captured.shapes, StateGuard(model), gm, reason)
+    replay = recompute.constants(gm) if recompute.replayable(gm, key[1]) else None
+    return Specialization(key, captured.shapes, StateGuard(model), gm, reason, replay)
 
 
 # --- installing -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from .canon import canonical_op
-from .meta import is_size_query
+from .meta import is_size_query, target_name as _name
 from .shapes import same, sym
 
 # canonical ops computed independently at every position of their inputs
@@ -193,7 +193,3 @@ def _over_last_dim(node: torch.fx.Node) -> bool:
         sym(node.args[0]), tuple) else None
     return all(isinstance(d, int) and (d == -1 or (ndim is not None and d == ndim - 1)) for d in dims)
 
-
-def _name(node: torch.fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
