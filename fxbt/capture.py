@@ -42,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import decompose, dynamo_frontend, einsums, functional, shapes, size_reads
+from . import decompose, dynamo_frontend, einsums, functional, own_gradients, shapes, size_reads
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -67,6 +67,7 @@ class Capture:
     flat_inputs: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     shapes: shapes.ShapeGuard | None = None
+    own_gradients: list[str] = field(default_factory=list)  # autograd.Functions the model calls (own_gradients.py)
 
 
 class _NotApplicable(Exception):
@@ -106,7 +107,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     blockers: dict[str, str | None] = {}
     with LOCK, detached(model), _cache_off(model), torch.no_grad(), decompose.fast_path_off():
         try:
-            with stage("eager reference run"):
+            with stage("eager reference run"), own_gradients.recorded([]) as functions:
                 reference = _seeded(model.training, lambda: model(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
@@ -136,7 +137,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 blockers.setdefault(name, blocker(e))
                 log.info("fxbt: frontend %s failed: %s", name, failures[name])
                 continue
-            cap = Capture(gm, name, failures, flat_inputs, shapes=guard)
+            cap = Capture(gm, name, failures, flat_inputs, shapes=guard, own_gradients=functions)
             if "use_cache" in inspect.signature(model.forward).parameters:
                 cap.notes.append("captured with use_cache=False: the graph returns no KV cache")
             calls, traced = gm.meta.get("fxbt_block_reuse", (0, 0))

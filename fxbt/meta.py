@@ -8,6 +8,7 @@ their real tensor value, so checks can evaluate them.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,11 +131,15 @@ def _shape_only(graph: torch.fx.Graph, excluded: set) -> set[torch.fx.Node]:
     return found
 
 
-_NONDETERMINISTIC = ("rand", "empty", "dropout", "bernoulli", "normal", "uniform", "multinomial", "exponential")
+# words of the names of ops that draw random numbers or leave memory uninitialised (``rand_like``, ``randn``,
+# ``new_empty``, ``native_dropout``, ``normal_``...); whole words, so that ``normalize`` is not one of them
+_NONDETERMINISTIC = frozenset({"rand", "randn", "randint", "randperm", "random", "empty", "dropout", "bernoulli",
+                               "normal", "uniform", "multinomial", "exponential", "cauchy", "geometric", "poisson",
+                               "gumbel", "rrelu"})
 
 
 def deterministic(node: torch.fx.Node) -> bool:
-    return not any(word in target_name(node) for word in _NONDETERMINISTIC)
+    return _NONDETERMINISTIC.isdisjoint(re.split(r"[._]", target_name(node)))
 
 
 def target_name(node: torch.fx.Node) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import recompute
+from . import own_gradients, recompute
 from .errors import CaptureError, FxbtError, InputError
 from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque
 from .region import RecomputeCall
@@ -54,7 +54,9 @@ class Specialization:
     state: StateGuard
     gm: torch.fx.GraphModule
     reason: str
-    replay: list | None = None  # the graph's own tensors where it can run again for a backward (recompute.py)
+    constants: list = field(default_factory=list)  # the tensors the graph reads besides its inputs
+    replayable: bool = False  # the graph can run again for a backward (recompute.py)
+    own_gradients: list = field(default_factory=list)  # autograd.Functions the model calls (own_gradients.py)
     calls: int = 0
     _flat: Callable | None = field(default=None, repr=False)
     _flat_code: str | None = field(default=None, repr=False)
@@ -67,9 +69,12 @@ class Specialization:
         """Run the graph on flat inputs (the call was bound and guarded already)."""
         if self._flat is None or self._flat_code is not self.gm.code:
             self._flat, self._flat_code = flat_forward(self.gm), self.gm.code
-        self.calls += 1
         graph = lambda given: self._flat(self.gm, *given)  # noqa: E731
-        outputs = recompute.run(graph, leaves, self.replay) if self.replay is not None else graph(leaves)
+        reached = recompute.records(leaves, self.constants)
+        if reached is not None and self.own_gradients:
+            raise RecomputeCall(own_gradients.reason(self.own_gradients))
+        self.calls += 1
+        outputs = recompute.run(graph, leaves, reached) if reached is not None and self.replayable else graph(leaves)
         return pytree.tree_unflatten(list(outputs), self.gm._fxbt_out_spec)
 
 
@@ -259,8 +264,8 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
     report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
     apply_and_verify(gm, rules, report, {"encoder_impl": options.encoder_impl}, captured.flat_inputs, options.verify)
     gm.fxbt_report = report
-    replay = recompute.constants(gm) if recompute.replayable(gm, key[1]) else None
-    return Specialization(key, captured.shapes, StateGuard(model), gm, reason, replay)
+    return Specialization(key, captured.shapes, StateGuard(model), gm, reason, recompute.constants(gm),
+                          recompute.replayable(gm, key[1]), captured.own_gradients)
 
 
 # --- installing -------------------------------------------------------------------------------------

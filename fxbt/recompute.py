@@ -54,15 +54,21 @@ def constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def run(graph: Callable, leaves: list, tensors: list[torch.Tensor]):
-    """``graph(leaves)``; where this call would record for autograd, as one autograd node that runs the
-    graph again when a backward needs it. Not under torch.func's transforms (their Functions take another
-    form), where the graph records as it always did."""
+def records(leaves: list, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Whether a call on ``leaves`` would record for autograd: the graph's tensors gradients reach (a list,
+    maybe empty where only inputs require gradients), or None. Not under torch.func's transforms, whose
+    Functions take another form: there the graph records as it always did."""
     if not torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return graph(leaves)
+        return None
     reached = [t for t in tensors if t.requires_grad]
-    if not reached and not any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
-        return graph(leaves)
+    if reached or any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
+        return reached
+    return None
+
+
+def run(graph: Callable, leaves: list, reached: list[torch.Tensor]) -> tuple:
+    """``graph(leaves)`` as one autograd node that runs the graph again when a backward needs it; ``reached``:
+    the graph's tensors gradients reach (`records`)."""
     return _Recomputed.apply(graph, len(leaves), *leaves, *reached)
 
 

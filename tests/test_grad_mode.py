@@ -104,7 +104,7 @@ def test_double_backward_through_the_second_run():
     got = penalty_gradient(gm)
     with detached(model):
         want = penalty_gradient(model)
-    assert fxbt.optimized.installed(gm).specializations[0].replay is not None
+    assert fxbt.optimized.installed(gm).specializations[0].replayable
     assert got.abs().sum() > 0 and _close(got, want)
 
 
@@ -116,7 +116,7 @@ def test_training_mode_and_random_ops_record_as_before():
     with counting_saved_tensors() as saved:
         gm(**spec.probe())
     assert len(saved) > len(list(model.parameters())) + 2
-    assert all(s.replay is None for s in fxbt.optimized.installed(gm).specializations)
+    assert all(not s.replayable for s in fxbt.optimized.installed(gm).specializations)
 
 
 @pytest.mark.parametrize("train_dropout, replayable", [(False, True), (True, False)])
@@ -141,3 +141,44 @@ def test_a_graph_that_writes_into_its_inputs_is_not_run_twice():
 
     assert not recompute.replayable(torch.fx.symbolic_trace(writes_input), (False,))
     assert recompute.replayable(torch.fx.symbolic_trace(writes_own), (False,))
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    """Rounds, and passes the gradient through as if it had not (quantization-aware training's estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Quantized(torch.nn.Module):
+    def __init__(self, own_gradient: bool):
+        super().__init__()
+        self.linear, self.own_gradient = torch.nn.Linear(4, 4), own_gradient
+
+    def forward(self, x):
+        y = self.linear(x) * 4
+        return (_StraightThroughRound.apply(y) if self.own_gradient else torch.round(y)).tanh()
+
+
+@pytest.mark.parametrize("own_gradient", [True, False])
+def test_a_model_with_its_own_gradients_keeps_them(own_gradient):
+    """Capture sees an autograd.Function's forward only: its graph's gradient would be round's (zero). A call that
+    records gradients runs the model's own forward; near-miss twin: plain round, whose graph is the model."""
+    model = _Quantized(own_gradient).eval()
+    gm = fxbt.optimize(model, (torch.randn(2, 4),), inplace=False)
+    spec, = fxbt.optimized.installed(gm).specializations
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x)) and spec.calls == 1  # no gradients: the graph serves
+    got, = torch.autograd.grad(gm(x).sum(), model.linear.weight)
+    with detached(model):
+        want, = torch.autograd.grad(model(x).sum(), model.linear.weight)
+    assert torch.equal(got, want) and bool(got.abs().sum() > 0) is own_gradient
+    fell_back = fxbt.report(gm).original_calls
+    assert spec.calls == (1 if own_gradient else 2)
+    assert ["_StraightThroughRound" in why for why in fell_back] == ([True] if own_gradient else []), fell_back
