@@ -280,8 +280,8 @@ def render_profile() -> list[str]:
     return lines
 
 
-ONE_THREAD = ("1 thread per process: while these ran, other engineers' jobs kept the 2-core machine at a load "
-              "average of 2 to 7, and with 2 threads OpenMP's waiting threads made timings swing 2-5x.")
+ONE_THREAD = ("1 thread per process: the 2 cores are shared with other jobs (the load average is given with each "
+              "run), and with 2 threads OpenMP's waiting threads made timings swing 2-5x under such load.")
 
 
 def conditions(result: dict) -> str:
@@ -387,18 +387,19 @@ def render_generate() -> list[str]:
               for g in runs for k in ["decode_ms_per_token"] if "fxbt" in g["rows"]]
     met = all(g["rows"]["fxbt"]["decode_ms_per_token"] <= g["rows"]["sdpa"]["decode_ms_per_token"]
               for g in runs if "fxbt" in g["rows"])
-    lines += ["", "Every peer's first generate() compiles what it needs (torch.compile 3 graphs, fxbt 2 for the eager "
-              "and 2 for the sdpa model); the counts below are graphs compiled again during the timed calls: the "
-              "same number as the first call compiled, that is one call's worth, so at most one of the 5 rounds "
-              "(the median leaves it out). Why dynamo compiles them again when the peers are interleaved was not "
-              "investigated (a peer called on its own recompiles nothing).", ""]
+    if any(any(g["compiled_while_timing"].values()) for g in runs):
+        lines += ["", "Every peer's first generate() compiles what it needs (torch.compile 3 graphs, fxbt 2 for the "
+                  "eager and 2 for the sdpa model); the counts below are graphs compiled again during the timed calls: "
+                  "one call's worth at most, so at most one of the rounds (the median leaves it out).", ""]
+    else:
+        lines += [""]
     lines += [f"Target (fxbt no slower than sdpa, decode): **{'met' if met else 'not met'}** — sdpa/fxbt: "
               + ", ".join(slower) + ".", "",
               "Conditions: " + "; ".join(f"{g['model']} b{g['batch']}: load {g['load'][0]:.1f}/{g['load'][1]:.1f}"
                                           for g in runs if g.get("load")) + f". {runs[0]['machine']}. Graphs "
               "dynamo compiled during the timed rounds (0: every peer was warm): " +
-              "; ".join(f"{g['model']} b{g['batch']} " + ", ".join(f"{GEN_PEERS[p].replace('*', '')} {n}" for p, n in
-                                                         g["compiled_while_timing"].items() if n) or "none"
+              "; ".join(f"{g['model']} b{g['batch']} " + (", ".join(f"{GEN_PEERS[p].replace('*', '')} {n}" for p, n in
+                                                          g["compiled_while_timing"].items() if n) or "none")
                         for g in runs) + ".", ""]
     return lines
 

@@ -13,8 +13,9 @@ import contextlib
 
 import torch
 
-# Functions whose backward is the derivative of their forward's ops: differentiating the graph is the same
-_EXACT_MODULES = ("torch.utils.checkpoint",)
+# Functions whose backward is the derivative of their forward's ops (checkpointing, fxbt's own recompute from
+# another thread): differentiating the graph is the same
+_EXACT_MODULES = ("torch.utils.checkpoint", "fxbt.recompute")
 
 
 @contextlib.contextmanager
