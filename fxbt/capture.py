@@ -105,7 +105,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
         raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     failures: dict[str, str] = {}
     blockers: dict[str, str | None] = {}
-    with LOCK, detached(model), _cache_off(model), torch.no_grad(), decompose.fast_path_off():
+    with LOCK, detached(model), cache_off(model), torch.no_grad(), decompose.fast_path_off():
         try:
             with stage("eager reference run"), own_gradients.recorded([]) as functions:
                 reference = _seeded(model.training, lambda: model(*args, **kwargs))
@@ -212,7 +212,7 @@ def _short_reason(e: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _cache_off(model: torch.nn.Module):
+def cache_off(model: torch.nn.Module):
     """HF decoders return a KV cache object unless told not to; capture without it.
 
     Sub-models keep configs of their own (T5's decoder stack copies its config), so every config

@@ -137,9 +137,10 @@ class Optimized:
         except FxbtError:
             raise
         except RecomputeCall as e:  # a check in the graph found the fast path cannot serve this call
-            return self._original(args, kwargs, str(e))
+            return self._original(args, kwargs, str(e), as_captured=True)
         except Exception as e:  # noqa: BLE001 - whatever broke, the model's own forward decides
-            return self._original(args, kwargs, f"the optimized graph raised {type(e).__name__}: {e}")
+            return self._original(args, kwargs, f"the optimized graph raised {type(e).__name__}: {e}",
+                                  as_captured=True)
 
     # -- finding and making specializations ------------------------------------------------------
     def _find(self, key, leaves) -> Specialization | None:
@@ -220,10 +221,17 @@ class Optimized:
         return True
 
     # -- the other routes ------------------------------------------------------------------------
-    def _original(self, args, kwargs, why: str):
+    def _original(self, args, kwargs, why: str, as_captured: bool = False):
+        """The model's own forward; ``as_captured`` for a call a graph serves otherwise, so that its outputs
+        have the graph's form whichever runs it (capture switched the KV cache off: no cache returned)."""
         self.original_calls[why] += 1
         try:
-            return self.own_forward(*args, **kwargs)
+            if not as_captured:
+                return self.own_forward(*args, **kwargs)
+            from .capture import LOCK, cache_off
+
+            with LOCK, cache_off(self.model):  # configs are shared: one switch at a time
+                return self.own_forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
 

@@ -13,9 +13,10 @@ import contextlib
 
 import torch
 
-# Functions whose backward is the derivative of their forward's ops (checkpointing, fxbt's own recompute from
-# another thread): differentiating the graph is the same
-_EXACT_MODULES = ("torch.utils.checkpoint", "fxbt.recompute")
+# Functions whose backward is the derivative of their forward's ops: torch's own machinery (checkpointing, the
+# index Function vmap applies in transformers' mask functions, functorch's wrappers of it) and fxbt's recompute
+# from another thread; differentiating the graph is the same
+_EXACT_MODULES = ("torch._", "torch.utils.checkpoint", "fxbt.recompute")
 
 
 @contextlib.contextmanager
@@ -26,7 +27,7 @@ def recorded(found: list[str]):
     apply = function.__dict__["apply"]
 
     def recording(cls, *args, **kwargs):
-        if cls.__module__ not in _EXACT_MODULES:
+        if not cls.__module__.startswith(_EXACT_MODULES):
             name = f"{cls.__module__}.{cls.__qualname__}"
             if name not in found:
                 found.append(name)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from fxbt.capture import _cache_off
+from fxbt.capture import cache_off
 from fxbt.optimized import detached
 
 warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
@@ -21,7 +21,7 @@ _rows: list[dict] = []
 def reference(model, inputs: dict):
     """The model's own outputs (its own forward, also when fxbt optimized it), with the KV cache off as fxbt
     captures it."""
-    with torch.no_grad(), _cache_off(model), detached(model):
+    with torch.no_grad(), cache_off(model), detached(model):
         return model(**inputs)
 
 

@@ -182,3 +182,36 @@ def test_a_model_with_its_own_gradients_keeps_them(own_gradient):
     fell_back = fxbt.report(gm).original_calls
     assert spec.calls == (1 if own_gradient else 2)
     assert ["_StraightThroughRound" in why for why in fell_back] == ([True] if own_gradient else []), fell_back
+
+
+class _OwnGelu(torch.autograd.Function):
+    """GELU with a hand-written backward (BLOOM's GeLUFunction is one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return torch.func.grad(lambda v: F.gelu(v).sum())(x) * grad
+
+
+def test_a_call_run_by_the_models_own_forward_returns_what_the_graph_returns():
+    """A decoder with its own gradients: a call recording them runs the model's forward, which on its own
+    returns a KV cache; the graph was captured without one, so that call returns none either."""
+    spec = zoo.SPECS["gpt2"]
+    model = spec.build()
+    for block in model.h:
+        block.mlp.act = type("OwnGelu", (torch.nn.Module,), {"forward": lambda self, x: _OwnGelu.apply(x)})()
+    gm = fxbt.optimize(model, spec.example(), inplace=False)
+    probe = spec.probe()
+    with torch.no_grad():
+        served = gm(**probe)
+    recorded = gm(**probe)
+    assert fxbt.report(gm).original_calls, "the call with gradients should run the model's own forward"
+    assert served.past_key_values is None and recorded.past_key_values is None
+    real = probe["attention_mask"].bool()  # padded positions are the graph's zeros, the model's anything
+    assert (served.last_hidden_state - recorded.last_hidden_state)[real].abs().max() < TOL
+    assert recorded.last_hidden_state.requires_grad

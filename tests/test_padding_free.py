@@ -36,7 +36,8 @@ def test_whole_stack_runs_on_real_tokens(name, attn, left):
     assert len(rows) == 1 and f"{zoo.L} attentions" in rows[0].reason, str(fxbt.report(opt))
     for batch, seq in [(4, 12)]:
         probe = zoo.make_inputs(spec, batch, seq, True, seed=batch, left=left)
-        err = real_token_error(spec, reference(model, probe), opt(**probe), probe)
+        with torch.no_grad():  # BLOOM's GELU has its own backward: calls recording gradients run the model
+            err = real_token_error(spec, reference(model, probe), opt(**probe), probe)
         assert err < TOL, f"{name}: {err:.2e}"
         assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
     with torch.no_grad():
