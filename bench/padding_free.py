@@ -12,6 +12,8 @@ Workloads (random weights from configs, no hub):
   sequence 128, left padding;
 - deberta: DeBERTa-v3-base's architecture (disentangled relative attention: score terms from Q and K), batch 8,
   sequence 128, right padding;
+- bart: BART-base's shape (6 encoder and 6 decoder layers), batch 8, sequence 128 on both sides with the same
+  right padding: the decoder's stack, cross-attentions included, runs on its real tokens too;
 - bert-train: one BERT-base training step (forward + backward, dropout on), batch 8, sequence 128.
 
     python bench/padding_free.py --workload bert --padding 0 0.25 0.5 0.75 [--repeats 5] [--threads N] [--out F.json]
@@ -51,7 +53,11 @@ MODELS = {  # name -> (model class, config class, config, batch, seq, padding si
                                                           position_buckets=256, max_relative_positions=-1,
                                                           norm_rel_ebd="layer_norm", share_att_key=True,
                                                           position_biased_input=False), 8, 128, "right"),
+    "bart": ("BartModel", "BartConfig", dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                                             decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+             8, 128, "right"),
 }
+SEQ2SEQ = {"bart"}  # the decoder reads the same ids and mask: both sides padded alike
 
 
 def build(name: str, attn: str, train=False):
@@ -72,6 +78,8 @@ def inputs(name: str, padding: float, seed=0) -> dict:
             mask[row, seq - n:] = 1
         else:
             mask[row, :n] = 1
+    if name in SEQ2SEQ:
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids, "decoder_attention_mask": mask}
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -68,8 +68,8 @@ class Axes(tuple):
         axes.heads = heads
         return axes
 
-    def __eq__(self, other):
-        return tuple.__eq__(self, other) and getattr(other, "heads", 1) == self.heads
+    def __eq__(self, other):  # never equal to None or a non-tuple (tuple.__eq__ would answer NotImplemented)
+        return isinstance(other, tuple) and tuple.__eq__(self, other) and getattr(other, "heads", 1) == self.heads
 
     def __ne__(self, other):
         return not self == other
@@ -164,6 +164,8 @@ def token_region(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> Region |
     region.attentions = [n for n in gm.graph.nodes if n in region.nodes and is_attention(gm, n)]
     if attention not in region.nodes:
         return region.why_not.get(attention, "it cannot run on packed tokens")
+    if runs_padded(gm, attention, region):  # its mask names its keys' padding, not its queries'
+        return "a cross-attention: its keys are another sequence's tokens; it runs inside its queries' stack"
     _add_size_queries(region)
     return region
 
@@ -390,6 +392,8 @@ def _fits(gm, node, region: Region) -> str | None:
 
 
 def _attention_fits(gm, node, region: Region) -> str | None:
+    if runs_padded(gm, node, region):
+        return None
     transposed = bool(gm.get_submodule(node.target).params.get("k_transposed"))
     ranks = set()
     for name in ("q", "k", "v"):
@@ -400,6 +404,20 @@ def _attention_fits(gm, node, region: Region) -> str | None:
                    "packed tokens"
         ranks.add(len(sym(operand)))
     return None if len(ranks) == 1 else "its queries, keys and values merge the heads differently"
+
+
+def runs_padded(gm, node, region: Region) -> bool:
+    """A cross-attention: queries on the region's tokens, everything else it reads (keys, values, mask) from
+    outside the region and computed without it (an encoder's output and mask). It runs as the model's attention
+    on its queries padded again: each output row is computed from its own query row, so the rows of padded
+    queries are dropped when its output is packed again, whatever the keys' sequence is."""
+    q = _attention_operand(gm, node, "q")
+    if q not in region.nodes:
+        return False
+    axes = region.axes(q)
+    if axes is None or axes.heads != 1 or not _attention_layout(axes, len(sym(q))) or region.axes(node) != axes:
+        return False
+    return all(a not in region.nodes and not _ancestors_in(a, region) for a in node.all_input_nodes if a is not q)
 
 
 def _last_dim_only(node) -> str | None:
@@ -837,9 +855,23 @@ class _Builder:
         return self.graph.call_function(op, args, kwargs)
 
     def _attention(self, node, attention):
+        if runs_padded(self.gm, node, self.region):
+            return self._padded_attention(node)
         args = tuple(self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
         heads = merged_heads(self.gm, node, self.region)
         return self.graph.call_function(attention, (self.tokens, self.graph.get_attr(node.target), args, heads))
+
+    def _padded_attention(self, node):
+        """The attention region itself, on its queries padded again (zeros at padded positions) and its other
+        operands as they are (`runs_padded`); its output packed again."""
+        q = _attention_operand(self.gm, node, "q")
+        b, s = self.region.axes(q)
+        padded_q = self.graph.call_function(packing.unpack, (self.env[q], self.tokens, b, s))
+        operand = lambda a: padded_q if a is q else self.env[a]  # noqa: E731
+        out = self.graph.call_module(node.target, torch.fx.node.map_arg(node.args, operand),
+                                     torch.fx.node.map_arg(node.kwargs, operand))
+        b, s = self.region.axes(node)
+        return self.graph.call_function(packing.pack, (out, self.tokens, b, s))
 
 
 # --- dims --------------------------------------------------------------------------------------------------

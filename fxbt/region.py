@@ -455,7 +455,8 @@ def _collect(owner, graph, alias, records, top):
             _collect(inner, inner.graph, alias, records, top=False)
             out = next(n for n in inner.graph.nodes if n.op == "output")
             alias[node] = out.args[0]
-        elif "fxbt_output_index" in node.meta:  # an element of a region's outputs: the original's element
+        elif "fxbt_output_index" in node.meta and node.op != "placeholder":  # an element of a region's outputs
+            # (the original's element); a placeholder standing for one (its meta copied) is aliased already
             alias[node] = alias[node.args[0]][node.meta["fxbt_output_index"]]
         elif top or node.op not in ("placeholder", "output"):
             records.append((node, owner))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from fxbt import varlen
 from fxbt.canon import origin
 from fxbt.packing import Tokens
-from fxbt.padding import is_attention, merged_heads, packed_graph, token_region
+from fxbt.padding import is_attention, merged_heads, packed_graph, runs_padded, token_region
 from fxbt.pattern import Accept, Decline, Rule
 from fxbt.region import UseOriginal, absorb_size_computations, slot_value
 from fxbt.verify import run_without_dropout, verifying
@@ -338,6 +338,7 @@ def check_padding_free(match) -> Accept | Decline:
     if isinstance(region, str):
         return Decline(region)
     region.nodes = absorb_size_computations(region.nodes)
+    _check_readers_in(gm, region)
     try:
         packed = packed_graph(gm, region, call, real_tokens, per_sequence_attention)
     except ValueError as e:
@@ -408,12 +409,31 @@ def after_padding_free(gm, installed, report) -> None:
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for node, region in installed:
         region.add_module("packed", region.params["graph"])
-        if region.params.get("key_readers"):
-            program, refs = region.params["key_padding"]
-            inputs = region.slots["inputs"].args_of(node)
-            terms = [inputs[r] if isinstance(r, int) else r for r in refs]
-            for target in region.params["key_readers"]:  # none of them is in a later region: see _left_zeros
-                check_padded_keys(gm, calls[target], terms, ("dead_columns", program), [node.target])
+        # a reader a later region took in (a decoder's cross-attention) got its check then: `_check_readers_in`
+        _check_key_readers(gm, node, region, [calls[t] for t in region.params.get("key_readers", ()) if t in calls])
+
+
+def _check_key_readers(gm, node, region, readers) -> None:
+    """Give the attentions in ``readers`` that read the output of the padding-free region ``node`` as keys its
+    mask, to check per call that they mask its padded positions (`check_padded_keys`)."""
+    if not region.params.get("key_readers"):
+        return
+    program, refs = region.params["key_padding"]
+    inputs = region.slots["inputs"].args_of(node)
+    terms = [inputs[r] if isinstance(r, int) else r for r in refs]
+    for reader in readers:
+        check_padded_keys(gm, reader, terms, ("dead_columns", program), [node.target])
+
+
+def _check_readers_in(gm, region) -> None:
+    """The cross-attentions a region takes in that read an installed padding-free region's output as keys get
+    that region's check now, before they leave the graph: their call nodes become part of the packed graph."""
+    padded = {n.target: n for n in region.attentions if runs_padded(gm, n, region)}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or getattr(gm.get_submodule(node.target), "kernel", None) != "padding_free":
+            continue
+        source = gm.get_submodule(node.target)
+        _check_key_readers(gm, node, source, [padded[t] for t in source.params.get("key_readers", ()) if t in padded])
 
 
 RULES = [

@@ -443,6 +443,47 @@ class CrossAttending(nn.Module):
         return memory, self.o((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, e))
 
 
+class DecoderLayer(nn.Module):
+    """Self-attention over the decoder's tokens, cross-attention over ``memory`` (keys from elsewhere), an MLP.
+    ``keys``: "memory" (a cross-attention), or the near-miss "running_mean": keys and values from a running mean
+    of the decoder's own states, which reads the positions before each token, padded ones too."""
+
+    def __init__(self, keys="memory"):
+        super().__init__()
+        self.keys = keys
+        self.self_attention = SizeScaledBlock("head_dim")
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.norm = nn.LayerNorm(DIM)
+
+    def forward(self, y, bias, memory, cross_bias):
+        y = self.self_attention(y, bias)
+        (b, t, e), d = y.shape, DIM // HEADS
+        if self.keys == "running_mean":
+            steps = torch.arange(1, t + 1, device=y.device, dtype=y.dtype)[None, :, None]
+            memory, cross_bias = y.cumsum(1) / steps, bias
+        q = self.q(y).view(b, t, HEADS, d).transpose(1, 2)
+        k, v = (p(memory).view(*memory.shape[:2], HEADS, d).transpose(1, 2) for p in (self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / d ** 0.5 + cross_bias
+        return self.norm(y + self.o((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, e)))
+
+
+class EncoderDecoder(nn.Module):
+    """An encoder stack over ``x`` and a decoder stack over ``y``, each with its own padding mask."""
+
+    def __init__(self, keys="memory"):
+        super().__init__()
+        self.encoder = Stack(lambda: SizeScaledBlock("head_dim"), layers=2)
+        self.decoder = nn.ModuleList(DecoderLayer(keys) for _ in range(2))
+
+    def forward(self, x, mask, y, y_mask):
+        memory = self.encoder(x, mask)
+        cross_bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        bias = (1.0 - y_mask[:, None, None, :].to(y.dtype)) * -10000.0
+        for layer in self.decoder:
+            y = layer(y, bias, memory, cross_bias)
+        return memory, y
+
+
 class PickedPooler(nn.Module):
     """An encoder stack and a pooler picking one position per row by index tensors (CLIP's end-of-text token):
     ``given`` picks the positions passed in; ``argmax``, the near-miss, picks them from the stack's own output,

@@ -208,6 +208,56 @@ def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patt
         assert [r.last_path for r in _padding_free(opt)] == ["a sequence has no real token"]
 
 
+@pytest.mark.parametrize("keys", ["memory", "running_mean"])
+def test_a_decoder_stack_runs_on_real_tokens_with_its_cross_attentions(keys):
+    """Each cross-attention runs inside the decoder's packed stack on its queries padded again, its keys (the
+    encoder's output, zeros at padded positions) and mask as they are. Near-miss twin: keys from a running mean of
+    the decoder's own states read padded positions: the decoder stays padded (the encoder's stack does not)."""
+    torch.manual_seed(0)
+    model = handwritten.EncoderDecoder(keys).eval()
+    x, mask = handwritten.inputs(3, 9)
+    y, y_mask = handwritten.inputs(3, 6, seed=1)
+    opt = fxbt.optimize(model, (x, mask, y, y_mask), inplace=False, patterns=PASS)
+    stacks = [r.reason.split(", ", 1)[1] for r in fxbt.report(opt).rewritten("padding_free")]
+    decoder = ["4 attentions on real tokens"] if keys == "memory" else []  # the twin's decoder stays padded
+    assert stacks == ["2 attentions on real tokens", *decoder], str(fxbt.report(opt))
+    for batch, seq, steps, seed in [(4, 11, 7, 3), (2, 5, 9, 4)]:
+        x, mask = handwritten.inputs(batch, seq, seed=seed)
+        y, y_mask = handwritten.inputs(batch, steps, seed=seed + 1)
+        y_mask[0, -2:] = 0
+        with torch.no_grad():
+            want, got = model(x, mask, y, y_mask), opt(x, mask, y, y_mask)
+        assert ((want[0] - got[0]).abs() * mask[..., None]).max().item() < TOL
+        assert ((want[1] - got[1]).abs() * y_mask[..., None]).max().item() < TOL
+        assert [r.last_path for r in _padding_free(opt)] == ["replacement"] * len(stacks)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(fxbt.unroll(opt)(x, mask, y, y_mask), model(x, mask, y, y_mask)))
+
+
+@pytest.mark.parametrize("name,left", [("bart", False), ("t5", False), ("t5", True)])
+def test_encoder_decoder_models_run_their_decoders_on_real_tokens(name, left):
+    """BART's and T5's decoder stacks, self- and cross-attentions, on the decoder's real tokens."""
+    spec = zoo.SPECS[name]
+    model = spec.build()
+
+    def inputs(batch, seq, seed):
+        x = zoo.make_inputs(spec, batch, seq, True, seed=seed)
+        x["decoder_attention_mask"] = zoo._mask(batch, x["decoder_input_ids"].shape[1], True, left)
+        return x
+
+    opt = fxbt.optimize(model, inputs(3, 9, 1), inplace=False, patterns=PASS)
+    reasons = [r.reason for r in fxbt.report(opt).rewritten("padding_free")]
+    assert any(f"{2 * zoo.L} attentions on real tokens" in r for r in reasons), str(fxbt.report(opt))
+    for batch, seq, seed in [(4, 12, 2), (2, 7, 3)]:
+        probe = inputs(batch, seq, seed)
+        with torch.no_grad():
+            want, got = reference(model, probe), opt(**probe)
+        real = probe["decoder_attention_mask"].bool()
+        assert (want.last_hidden_state - got.last_hidden_state)[real].abs().max().item() < TOL
+        assert not fxbt.report(opt).original_calls
+        assert all(r.last_path == "replacement" for r in _padding_free(opt))
+
+
 @pytest.mark.parametrize("kind", ["given", "argmax"])
 def test_positions_picked_by_index_tensors_are_computed(kind):
     """A pooler picking a position per row (CLIP's end-of-text token): the picked positions are computed even
