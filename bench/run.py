@@ -446,8 +446,9 @@ PADDING_FREE = {
               {}),
     "deberta": ("DeBERTa-v3-base's architecture (relative attention: score terms from Q and K), batch 8, sequence "
                 "128, right padding (no sdpa in transformers: 'over sdpa' is over eager)", "over_sdpa", {}),
-    "bart": ("BART-base's shape (6 + 6 layers), batch 8, sequence 128 on both sides, the same right padding: the "
-             "decoder's stack, cross-attentions included, on its real tokens too", "over_sdpa", {}),
+    "bart": ("BART-base's shape (6 + 6 layers), batch 8, source 128 and target 96 tokens, right padding of the same "
+             "fraction on both sides: the decoder's stack, cross-attentions included, on its real tokens too; the "
+             "error is the decoder output's", "over_sdpa", {}),
     "bert-train": ("BERT-base training step (forward + backward, dropout on), batch 8, sequence 128", "over_eager",
                    {0.5: 1.6}),
 }
