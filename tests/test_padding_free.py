@@ -10,6 +10,7 @@ import handwritten
 import zoo
 from conftest import max_error, reference
 from fxbt.pattern import Rule
+from fxbt.optimized import detached
 from fxbt.region import regions
 from test_encoder import real_token_error
 
@@ -232,6 +233,18 @@ def test_a_decoder_stack_runs_on_real_tokens_with_its_cross_attentions(keys):
         assert [r.last_path for r in _padding_free(opt)] == ["replacement"] * len(stacks)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(fxbt.unroll(opt)(x, mask, y, y_mask), model(x, mask, y, y_mask)))
+    weights = torch.randn(y.shape) * y_mask[..., None]  # a loss over the decoder's real tokens
+
+    def gradients(run):
+        model.zero_grad(set_to_none=True)
+        (run(x, mask, y, y_mask)[1] * weights).sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    with detached(model):
+        want = gradients(model)
+    got = gradients(opt)
+    assert [a is None for a in got] == [b is None for b in want]  # the twin's cross projections go unused
+    assert max((a - b).abs().max().item() for a, b in zip(got, want) if b is not None) < 1e-4  # of size ~10
 
 
 @pytest.mark.parametrize("name,left", [("bart", False), ("t5", False), ("t5", True)])
