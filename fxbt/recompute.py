@@ -17,6 +17,7 @@ import torch
 import torch.fx
 
 from .meta import deterministic, target_name, writes_in_place, written_by
+from .region import fetch
 
 
 def replayable(gm: torch.fx.GraphModule, training_flags: tuple) -> bool:
@@ -48,7 +49,7 @@ def constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     graph reads no other). Which of them gradients reach is decided per call: ``requires_grad`` can change."""
     found = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     for node in gm.graph.find_nodes(op="get_attr"):
-        value = _attribute(gm, node.target)
+        value = fetch(gm, node.target)
         if isinstance(value, torch.Tensor):
             found.setdefault(id(value), value)
     return list(found.values())
@@ -113,9 +114,3 @@ class _Recomputed(torch.autograd.Function):
         constant_grads = [next(found) if w else None for w in wanted[len(leaves):]]
         return (None, None, *leaf_grads, *constant_grads)
 
-
-def _attribute(gm: torch.nn.Module, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
