@@ -30,6 +30,7 @@ PATTERN = "softmax_attention"
 # what the attention rule's score chain absorbs between Q·Kᵀ and the softmax, and views around P
 _SCORE_OPS = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "reshape"}) | TRANSPARENT
 _VIEW_OPS = frozenset({"reshape"}) | TRANSPARENT
+_PRODUCTS = ("matmul", "baddbmm")
 
 
 def account(gm: torch.fx.GraphModule, report: Report) -> None:
@@ -65,9 +66,9 @@ def why_not_attention(g: CanonicalGraph, node: torch.fx.Node) -> str:
     scores, between = _up(g, g.operands(node)[0])
     if isinstance(scores, Const):
         return "not attention: the softmax is over a constant"
-    if g.op(scores) not in ("matmul", "baddbmm"):
+    if g.op(scores) not in _PRODUCTS:
         what = _describe(g, scores)
-        if between or g.op(scores) in ("clamp", "tanh", "opaque:call_function", "opaque:call_method"):
+        if between or _product_above(g, scores):
             return (f"not attention: the scores pass through {what} before the softmax, which SDPA cannot apply "
                     "(a clamp or soft-capping?)")
         return f"not attention: the softmax input is not a product of queries and keys (it comes from {what})"
@@ -81,6 +82,19 @@ def why_not_attention(g: CanonicalGraph, node: torch.fx.Node) -> str:
         return "not attention: the probabilities are the right operand of their product (P·V expected)"
     return ("attention not matched: Q·Kᵀ, softmax and P·V are there, but in a layout the attention rule does not "
             f"know ({_describe(g, scores)} and {_describe(g, user)})")
+
+
+def _product_above(g, key) -> bool:
+    """Whether a product Q·Kᵀ feeds ``key`` through its largest operands: an op between the scores and the
+    softmax that no rule absorbs (tanh soft-capping, a clamp written as ``max(scores, finfo.min)``)."""
+    for _ in range(8):
+        operands = [o for o in g.operands(key) if not isinstance(o, Const)]
+        if not operands:
+            return False
+        key = max(operands, key=_numel)
+        if g.op(key) in _PRODUCTS:
+            return True
+    return False
 
 
 def _up(g, key):

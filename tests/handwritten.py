@@ -163,6 +163,29 @@ class FairseqTimeFirst(nn.Module):
         return self.o(out).transpose(0, 1)
 
 
+class BlockedLocal(nn.Module):
+    """Blocked local attention: the sequence cut into blocks of ``BLOCK``, each attending within itself, with
+    5-d einsums over [batch, heads, block, position, dim] and the key-padding mask cut the same way. The
+    sequence length must be a multiple of ``BLOCK``."""
+
+    BLOCK = 4
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.o = nn.Linear(DIM, DIM)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        n, w, d = s // self.BLOCK, self.BLOCK, DIM // HEADS
+        qkv = self.qkv(x).view(b, n, w, 3, HEADS, d).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = torch.einsum("bhnqd,bhnkd->bhnqk", q, k) / math.sqrt(d)
+        scores = scores + (1.0 - mask.view(b, 1, n, 1, w).to(x.dtype)) * -10000.0
+        out = torch.einsum("bhnqk,bhnkd->bhnqd", scores.softmax(dim=-1), v)
+        return self.o(out.permute(0, 2, 3, 1, 4).reshape(b, s, DIM))
+
+
 STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery, EinsumHeadsThird,
           FairseqTimeFirst]
 MASKED_STYLES = [s for s in STYLES if s is not NanoGPTCausal]  # nanoGPT's attention is causal only
@@ -256,6 +279,24 @@ class ReweightedProbabilities(nn.Module):
         return (probs * 2.0) @ x
 
 
+class SoftCappedScores(nn.Module):
+    """Scores soft-capped by tanh before the mask (Gemma 2 style): SDPA has no place for the cap."""
+
+    def forward(self, x, mask):
+        scores = torch.tanh((x @ x.transpose(-2, -1)) / 50.0) * 50.0
+        scores = scores.masked_fill(mask[:, None, :] == 0, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ x
+
+
+class ClampedScores(nn.Module):
+    """Scores clamped from below by ``torch.max(scores, finfo.min)`` after an additive mask (T5 fp16 style)."""
+
+    def forward(self, x, mask):
+        scores = (x @ x.transpose(-2, -1)) + (1.0 - mask[:, None, :].to(x.dtype)) * -1e9
+        scores = torch.max(scores, torch.tensor(torch.finfo(x.dtype).min))
+        return torch.softmax(scores, dim=-1) @ x
+
+
 NEAR_MISSES = {
     SoftmaxOverQueries: "not the last (keys) axis",
     ReturnsProbabilities: "attention probabilities are also returned",
@@ -263,6 +304,8 @@ NEAR_MISSES = {
     MultiplicativeMask: "scale is a tensor",
     FillWithZero: "not to a large negative constant",
     ReweightedProbabilities: "probabilities are changed by",
+    SoftCappedScores: "scores pass through tanh",
+    ClampedScores: "scores pass through",
 }
 
 

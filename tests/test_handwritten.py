@@ -29,6 +29,21 @@ def test_style_is_rewritten_and_exact(style, frontend):
             assert identical(fxbt.unroll(gm)(x, mask), model(x, mask))
 
 
+@pytest.mark.parametrize("frontend", ["dynamo", "fx"])
+def test_blocked_local_attention_is_rewritten_per_block(frontend):
+    """5-d einsums (a block axis between heads and positions) are one SDPA over the blocks, with the mask."""
+    torch.manual_seed(0)
+    model = hw.BlockedLocal().eval()
+    gm = fxbt.optimize(model, hw.inputs(2, 8), frontend=frontend, inplace=False)
+    report = fxbt.report(gm)
+    assert len(report.rewritten("sdpa")) == 1, str(report)
+    for batch, seq in [(3, 12), (1, 4), (2, 20)]:
+        x, mask = hw.inputs(batch, seq, seed=batch + seq)
+        with torch.no_grad():
+            assert ((model(x, mask) - gm(x, mask)).abs() * mask[..., None]).max().item() < 1e-5
+            assert identical(fxbt.unroll(gm)(x, mask), model(x, mask))
+
+
 @pytest.mark.parametrize("equation, plan", [
     ("bqhd,bkhd->bhqk", ([0, 2, 1, 3], [0, 2, 1, 3], True, [0, 1, 2, 3])),  # Q·Kᵀ, heads third
     ("bhqk,bkhd->bqhd", ([0, 1, 2, 3], [0, 2, 1, 3], False, [0, 2, 1, 3])),  # P·V, output permuted
