@@ -3,9 +3,9 @@
 - bert: BERT-base fp16, batch 64, sequence 256, right padding (the setting of BetterTransformer's published T4
   figures: 2.14x and 4.37x over fp16 eager at 50% and 75% padding). Peers: transformers' eager and sdpa, and
   BetterTransformer over its own eager in its own process (optimum 1.23.3 on transformers 4.48.3, from
-  ``--bettertransformer-site``, a folder of those packages). fxbt three ways: its default (on CUDA the whole
+  ``--bettertransformer-site``, a folder of those packages). fxbt two ways: its default (the whole
   stack padding-free: the model's own ops on packed tokens, attention by variable-length flash attention), and
-  its encoder-block template with the fused kernel (``encoder_impl="fused"``) or dense blocks (``"dense"``).
+  its encoder-block template with the fused kernel (``encoder_impl="fused"``).
 - llama: the Llama-shaped embedder of bench/padding_free.py in fp16 (batch 8, sequence 256, left padding)
   against sdpa.
 - bert-train: one BERT-base training step in fp32 (forward + backward, dropout on), batch 32, sequence 256.
@@ -37,8 +37,8 @@ import workloads  # noqa: E402
 import fxbt  # noqa: E402
 
 DEVICE = "cuda"
-# fxbt's default (on CUDA: the whole stack padding-free), and its encoder-block template's two implementations
-FXBT = {"fxbt": {}, "fxbt_fused": {"encoder_impl": "fused"}, "fxbt_dense": {"encoder_impl": "dense"}}
+# fxbt's default (the whole stack padding-free), and its encoder-block template on the fused kernel
+FXBT = {"fxbt": {}, "fxbt_fused": {"encoder_impl": "fused"}}
 
 
 def on_device(batch: dict) -> dict:

@@ -542,22 +542,25 @@ def render_gpu() -> list[str]:
     for path in runs:
         run = json.loads(path.read_text())
         bert, bt = run["bert"], run["bert"].get("bettertransformer", {})
+        dense = "fxbt_dense" in bert["rows"][0]["ms"]  # measured while encoder_impl="dense" existed
         lines += [f"`python bench/gpu.py --bettertransformer-site DIR --out {path.relative_to(HERE.parent)}` on "
                   f"{run['device']} ({run['machine']}); medians of {run['repeats']} interleaved, synchronized runs. "
                   "BERT-base fp16, batch 64, sequence 256, right padding; fxbt's default on CUDA is the padding-free "
-                  "stack (varlen flash attention), beside its encoder-block template with the fused kernel and with "
-                  "dense blocks. BetterTransformer (optimum 1.23.3, transformers "
+                  "stack (varlen flash attention), beside its encoder-block template with the fused kernel" +
+                  (" and with dense blocks (encoder_impl='dense', removed since)" if dense else "") +
+                  ". BetterTransformer (optimum 1.23.3, transformers "
                   f"{bt.get('transformers', '?')}) ran in its own process on the same device, over its own eager. "
                   "Errors: max abs on real tokens against fp32 eager.", "",
-                  "| padding | eager ms | sdpa ms | fxbt ms | fused ms | dense ms | fxbt over eager | sdpa over eager "
-                  "| fused over eager | BetterTransformer over its eager | fxbt error (fp16 eager's) | BetterTransformer "
-                  "T4, published |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| padding | eager ms | sdpa ms | fxbt ms | fused ms | " + ("dense ms | " if dense else "") +
+                  "fxbt over eager | sdpa over eager | fused over eager | BetterTransformer over its eager | fxbt error "
+                  "(fp16 eager's) | BetterTransformer T4, published |", "|---" * (12 if dense else 11) + "|"]
         for i, r in enumerate(bert["rows"]):
             ms, x = r["ms"], r["over_eager"]
             peer = bt["rows"][i]["over_eager"] if bt.get("rows") else None
             published = BETTERTRANSFORMER_T4.get(r["padding"])
             lines.append(f"| {r['padding']:.2f} | {ms['eager']:.1f} | {ms['sdpa']:.1f} | {ms['fxbt']:.1f} | "
-                         f"{ms['fxbt_fused']:.1f} | {ms['fxbt_dense']:.1f} | {x['fxbt']:.2f}x | {x['sdpa']:.2f}x | "
+                         f"{ms['fxbt_fused']:.1f} | " + (f"{ms['fxbt_dense']:.1f} | " if dense else "") +
+                         f"{x['fxbt']:.2f}x | {x['sdpa']:.2f}x | "
                          f"{x['fxbt_fused']:.2f}x | {f'{peer:.2f}x' if peer else '—'} | {r['max_err']['fxbt']:.3f} "
                          f"({r['max_err']['eager']:.3f}) | {f'{published}x' if published else '—'} |")
         by_padding = {r["padding"]: r["ms"]["fxbt"] for r in bert["rows"]}

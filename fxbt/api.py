@@ -12,7 +12,7 @@ from .examples import example_for
 from .optimized import Optimized, Options, Specialization, install, installed, uninstall
 from .report import ModelReport
 
-ENCODER_IMPLS = ("auto", "dense", "fused")
+ENCODER_IMPLS = ("auto", "fused")
 
 
 def optimize(model: torch.nn.Module, example_inputs=None, *, inplace: bool = True, patterns=None,
@@ -26,13 +26,17 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, inplace: bool = Tru
     optimized. ``example_inputs`` (a tuple, a dict or a tokenizer's BatchEncoding) is captured now; without
     it fxbt builds one from the model's config, or captures the first call. Every call the existing graphs
     do not cover (other inputs, sizes outside their guards, another mode) gets a graph of its own, up to
-    ``max_specializations`` per model. ``encoder_impl``: "auto", "dense" or "fused" (fused encoder blocks).
+    ``max_specializations`` per model. ``encoder_impl``: "auto" (the padding-free pass runs every stack on its real tokens) or "fused"
+    (encoder blocks that fit PyTorch's fused encoder kernel run it, the rest of the stack padding-free).
     ``verify`` runs every region against its original subgraph on the example and reverts any that differs.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"fxbt.optimize takes a torch.nn.Module, got {type(model).__name__}")
+    if encoder_impl == "dense":
+        raise InputError("encoder_impl='dense' was removed: the padding-free pass, the default ('auto'), runs "
+                         "encoder blocks on their real tokens as dense blocks did; drop the argument")
     if encoder_impl not in ENCODER_IMPLS:
-        raise InputError(f"encoder_impl must be 'auto', 'dense' or 'fused', got {encoder_impl!r}")
+        raise InputError(f"encoder_impl must be 'auto' or 'fused', got {encoder_impl!r}")
     if not isinstance(max_specializations, int) or max_specializations < 1:
         raise InputError(f"max_specializations must be a positive int, got {max_specializations!r}")
     options = Options(patterns, frontend, encoder_impl, verify, max_specializations)

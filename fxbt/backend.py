@@ -23,8 +23,8 @@ from .report import Report
 from .rewrite import apply_and_verify
 
 _REPORTS: list[Report] = []
-# Inductor traces the regions' Python code; the dense encoder's per-call packing reads the mask's values
-# (data-dependent), so the graph handed to inductor gets the attention rules only.
+# Inductor traces the regions' Python code; packing tokens reads the mask's values (data-dependent), so the
+# graph handed to inductor gets the attention rules only.
 _TRACEABLE = ("softmax_attention", "existing_sdpa")
 
 

@@ -1,6 +1,6 @@
 """The ``fxbt`` command.
 
-    fxbt optimize PATH [--batch 2 --seq 16] [--frontend dynamo] [--encoder-impl dense]
+    fxbt optimize PATH [--batch 2 --seq 16] [--frontend dynamo] [--encoder-impl fused]
         PATH is a config.json (random weights) or a model folder (weights loaded); prints the report.
     fxbt export PATH --format python|pt2|dot|json --out OUT [--overwrite]
         the same, then the rewritten graph written out (see fxbt.export); OUT is checked before the work.
@@ -147,8 +147,9 @@ def main(argv=None) -> int:
     opt.add_argument("--seq", type=positive_int, default=16, help="example sequence length (default 16)")
     opt.add_argument("--frontend", choices=["hf_fx", "dynamo", "fx"], default=None,
                      help="force one capture frontend (default: the first that works)")
-    opt.add_argument("--encoder-impl", choices=["auto", "dense", "fused"], default="auto",
-                     help="how fused encoder blocks run (default: auto, per device)")
+    opt.add_argument("--encoder-impl", choices=["auto", "fused"], default="auto",
+                     help="fused: encoder blocks that fit PyTorch's fused kernel run it (default: auto, every "
+                          "stack padding-free on the model's own ops)")
     opt.set_defaults(run=_optimize)
     exp = sub.add_parser("export", help="optimize a model, then export the rewritten graph",
                          description="Optimize a model (as `fxbt optimize`) and export the rewritten graph: "

@@ -29,6 +29,7 @@ from . import packing, score_terms
 from .canon import canonical_op
 from .meta import TensorInfo, ancestors, deterministic, is_size_query, target_name as _name
 from .region import boundary, metadata_stand_in, reads_metadata_only
+from .serialize import make_picklable
 from .shapes import is_static, same, sym
 from .tokens import POSITIONWISE, padded_reads
 from .values import ValueKeys
@@ -678,7 +679,8 @@ class _Builder:
                 values.append(self.env[node])
                 axes.append(None)
         self.graph.output(tuple(values) + (self.tokens,))
-        module = torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree")
+        # pickled as its graph: torch's way re-traces the code, which runs fxbt's packing functions on proxies
+        module = make_picklable(torch.fx.GraphModule(self.gm, self.graph, class_name="PaddingFree"))
         return Packed(module, self.inputs, outputs, tuple(axes), frozenset(feeders))
 
     def _island(self, node):

@@ -85,6 +85,7 @@ class Rule:
     priority: int = 0  # lower runs first; rules of one priority share one pass
     fallback: Callable | None = None  # fallback(region, inputs) -> reason to run the original, or None
     after_pass: Callable | None = None  # after_pass(gm, [(call node, Region)], report): link a pass's regions
+    enabled: Callable | None = None  # enabled(options) -> whether the options given to optimize ask for this rule
     defined_at: str = ""
     graph: "PatternGraph | None" = None
 

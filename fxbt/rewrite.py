@@ -25,6 +25,7 @@ log = logging.getLogger("fxbt")
 
 
 def apply_rules(gm: torch.fx.GraphModule, rules: list[Rule], report: Report, options: dict | None = None) -> None:
+    rules = [r for r in rules if r.enabled is None or r.enabled(options or {})]
     for _, group in itertools.groupby(sorted(rules, key=lambda r: r.priority), key=lambda r: r.priority):
         _run_pass(gm, list(group), report, options or {})
         with stage("lint and recompile"):

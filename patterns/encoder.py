@@ -1,4 +1,8 @@
-"""Transformer encoder blocks -> the fused encoder, with padding removed across the whole stack.
+"""Transformer encoder blocks -> PyTorch's fused encoder kernel, with padding removed across the whole stack.
+
+Opt-in (``encoder_impl="fused"``): by default the padding-free pass (patterns/padding_free.py) runs every
+stack on its real tokens with the model's own ops, measured as fast as this template's dense blocks on CPU
+and faster than the fused kernel on CUDA (bench/RESULTS.md), so these rules run only when asked for.
 
 Two patterns, post-norm (BERT) and pre-norm (mBART, ViT), written like the code they match. Attention
 is whatever the attention pass made of the model's attention (an SDPA region) or an SDPA call already
@@ -15,16 +19,8 @@ transposed to PyTorch's sequence-first attention and back); the check proves wha
 ``act`` is left free in the pattern and read by the check, so a block with another activation is
 found, then declined with the reason ("tanh approximation of gelu", "quick-gelu").
 
-Two implementations compute a matched block; the report's ``impl`` column says which runs:
-
-- ``dense``: the real tokens of the batch gathered into one ``[tokens, hidden]`` matrix; projections,
-  LayerNorms and the feed-forward run as plain dense ops on it, attention per sequence through SDPA
-  with a key-padding mask. The CPU default (measured faster, see bench/encoder.py).
-- ``fused``: ``torch._transformer_encoder_layer_fwd`` on a nested tensor (BetterTransformer's kernel).
-
-On a CUDA example, ``encoder_impl="auto"`` declines the blocks, leaving the whole stack to the padding-free pass
-(patterns/padding_free.py), measured faster there than either implementation; ``"fused"`` or ``"dense"`` keeps
-this template.
+A matched block runs ``torch._transformer_encoder_layer_fwd`` on a nested tensor (BetterTransformer's
+kernel).
 
 Consecutive blocks are linked after the pass: the first gathers the real tokens, the last scatters
 them back to the original padded shape (padded positions are zeros), and nothing in between pays for
@@ -35,8 +31,7 @@ computes position by position up to the outputs; a stack whose output something 
 (a pooler's ``hidden[:, 0]``) packs only calls where those positions are real (fxbt/tokens.py).
 
 A block runs its original subgraph in training mode, when the mask turns out at run time not to be a
-key-padding mask, when no token is real, and (the ``fused`` kernel, which has no autograd) when
-gradients are needed. The ``dense`` implementation is made of differentiable ops.
+key-padding mask, when no token is real, and when gradients are needed (the kernel has no autograd).
 """
 from __future__ import annotations
 
@@ -56,11 +51,13 @@ from fxbt.tokens import padded_reads
 
 from .attention import MASKED, build_mask, check_padded_keys
 
-DEFAULT_IMPL = {"cpu": "dense", "cuda": "fused"}  # a block captured on one device and called on another
-# devices where, under encoder_impl="auto", blocks are left to the padding-free pass (variable-length flash
-# attention on the model's own ops): on an H100, BERT-base fp16 batch 64 sequence 256 ran 11.7 ms against the
-# fused kernel's 15.4 at 50% padding (bench/RESULTS.md)
-PADDING_FREE_DEVICES = {"cuda"}
+
+
+def asked_for(options: dict) -> bool:
+    """The template runs only for ``encoder_impl="fused"``: under "auto" the padding-free pass takes the stack
+    (BERT-base at 25 and 50% padding on CPU: 1.01x and 0.96x the time of this template's former dense blocks;
+    on an H100, fp16 batch 64 sequence 256: 11.7 ms against the fused kernel's 15.4 at 50% padding)."""
+    return options.get("encoder_impl", "auto") == "fused"
 
 
 # --- patterns -----------------------------------------------------------------------------------
@@ -89,10 +86,10 @@ def pre_norm_encoder_block(x, g1, n1, wq, bq, wk, bk, wv, bv, wo, bo, act, w2, b
 
 @dataclass
 class Packed:
-    """The real tokens of a padded batch: ``tokens`` [T, E] in row-major order of ``keep`` [B, S]."""
+    """The real tokens of a padded batch: ``nested`` holds one [length, E] tensor per sequence, in row-major order
+    of ``keep`` [B, S] (or the padded batch itself where ``keep`` is None: no token is padding)."""
 
-    tokens: torch.Tensor | None  # dense impl
-    nested: torch.Tensor | None  # fused impl
+    nested: torch.Tensor
     keep: torch.Tensor
     index: torch.Tensor  # [T] flat positions of the real tokens in B*S
     padded_shape: tuple  # (B, S, E)
@@ -132,15 +129,12 @@ class Packed:
         return self._lengths
 
     def flat(self) -> torch.Tensor:
-        if self.tokens is not None:
-            return self.tokens
         return torch.cat(self.nested.unbind()) if self.nested.numel() else self.nested.values()
 
     def fxbt_materialize(self) -> torch.Tensor:
         if self.keep is not None:
             return self.unpack()
-        out = self.tokens.view(self.padded_shape) if self.tokens is not None else self.nested
-        return out.transpose(0, 1) if self.seq_first else out
+        return self.nested.transpose(0, 1) if self.seq_first else self.nested
 
     def unpack(self) -> torch.Tensor:
         b, s, e = self.padded_shape
@@ -178,14 +172,12 @@ def key_padding_of(program, mask_terms, b: int, s: int) -> torch.Tensor | None:
     return None if bool(keep.all()) else keep
 
 
-def pack(x: torch.Tensor, keep: torch.Tensor, impl: str) -> Packed:
+def pack(x: torch.Tensor, keep: torch.Tensor) -> Packed:
     b, s, e = x.shape
     index = keep.reshape(-1).nonzero().squeeze(1)
     tokens = x.reshape(b * s, e).index_select(0, index)
-    if impl == "dense":
-        return Packed(tokens, None, keep, index, (b, s, e))
     lengths = keep.sum(1).tolist()
-    return Packed(None, torch.nested.nested_tensor(list(tokens.split(lengths))), keep, index, (b, s, e), lengths)
+    return Packed(torch.nested.nested_tensor(list(tokens.split(lengths))), keep, index, (b, s, e), lengths)
 
 
 # --- the replacement ----------------------------------------------------------------------------
@@ -240,7 +232,7 @@ class QKVPack:
 
 
 def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2,
-                  spec: BlockSpec, impl: str, pack_qkv: QKVPack, emit_packed: bool = False, reads=(), expected=(),
+                  spec: BlockSpec, pack_qkv: QKVPack, emit_packed: bool = False, reads=(), expected=(),
                   training=False):
     if training:
         raise UseOriginal("training mode")
@@ -250,17 +242,15 @@ def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo,
     grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in weights + (
         x.flat() if isinstance(x, Packed) else x,))
     e = x.shape[-1]
-    if impl == "auto":
-        impl = DEFAULT_IMPL.get(_device(x).type, "dense")
-    if grads and impl == "fused":
-        raise UseOriginal("gradients needed: the fused kernel has no autograd (use encoder_impl='dense')")
+    if grads:
+        raise UseOriginal("gradients needed: the fused kernel has no autograd (encoder_impl='auto' has)")
     if isinstance(x, Packed):
         packed = x
     else:
         keep = key_padding(spec, mask_terms, x)
         if spec.seq_first:  # tokens in batch-major order; the output is transposed back
             x, keep = x.transpose(0, 1), None if keep is None else keep.t()
-        packed = _pack_input(x, keep, impl, reads)
+        packed = _pack_input(x, keep, reads)
     if spec.qkv_packed:
         qkv_w, qkv_b = wq, _bias(bq, wq)
     else:  # views into one packed weight where no gradient flows; a differentiable concatenation where one does
@@ -268,27 +258,25 @@ def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo,
         qkv_b = torch.cat([_bias(bq, wq), _bias(bk, wk), _bias(bv, wv)])
     params = dict(qkv_w=qkv_w, qkv_b=qkv_b, wo=wo, bo=_bias(bo, wo), g1=_ones(g1, e, x), n1=_zeros(n1, e, x),
                   w1=w1, b1=_bias(b1, w1), w2=w2, b2=_bias(b2, w2), g2=_ones(g2, e, x), n2=_zeros(n2, e, x))
-    out = _dense_block(packed, spec, params) if impl == "dense" else _fused_block(packed, spec, params)
+    out = _fused_block(packed, spec, params)
     out.seq_first = spec.seq_first
     if emit_packed and packed.keep is not None:
         return out
     return out.fxbt_materialize()
 
 
-def _pack_input(x, keep, impl: str, reads) -> Packed:
+def _pack_input(x, keep, reads) -> Packed:
     """The block input without its padding; UseOriginal where the original's behaviour must be kept."""
     if x.numel() == 0:
         raise UseOriginal("an empty batch or sequence")
-    e = x.shape[-1]
     if keep is None:
-        return Packed(x.reshape(-1, e) if impl == "dense" else None, None if impl == "dense" else x, None, None,
-                      tuple(x.shape))
+        return Packed(x, None, None, tuple(x.shape))
     if not bool(keep.any()):
         raise UseOriginal("no token is real")
     for position in reads:  # positions the stack's output is read at must be real, or they would be zeros
         if not bool(keep[:, position].all()):
             raise UseOriginal(f"position {position} is padding in some row and is read after the stack")
-    return pack(x, keep, impl)
+    return pack(x, keep)
 
 
 def _device(x):
@@ -311,47 +299,12 @@ def _dtype(x):
     return x.flat().dtype if isinstance(x, Packed) else x.dtype
 
 
-def _dense_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
-    t = packed.tokens
-    e = t.shape[-1]
-    act = F.gelu if spec.activation == "gelu" else F.relu
-    if spec.norm_first:
-        a = _dense_attention(F.linear(F.layer_norm(t, (e,), p["g1"], p["n1"], spec.eps), p["qkv_w"], p["qkv_b"]),
-                             packed, spec)
-        h = t + F.linear(a, p["wo"], p["bo"])
-        out = h + F.linear(act(F.linear(F.layer_norm(h, (e,), p["g2"], p["n2"], spec.eps), p["w1"], p["b1"])),
-                           p["w2"], p["b2"])
-    else:
-        a = _dense_attention(F.linear(t, p["qkv_w"], p["qkv_b"]), packed, spec)
-        h = F.layer_norm(t + F.linear(a, p["wo"], p["bo"]), (e,), p["g1"], p["n1"], spec.eps)
-        out = F.layer_norm(h + F.linear(act(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"]), (e,), p["g2"], p["n2"],
-                           spec.eps)
-    return Packed(out, None, packed.keep, packed.index, packed.padded_shape, packed._lengths)
-
-
-def _dense_attention(qkv: torch.Tensor, packed: Packed, spec: BlockSpec) -> torch.Tensor:
-    """Attention per sequence at its true length: a sequence's tokens are contiguous rows of ``qkv``, so
-    each one is a slice; no mask, no padded grid, and cost in the sum of squared lengths."""
-    b, s, e = packed.padded_shape
-    d = e // spec.heads
-    if packed.keep is None:
-        q, k, v = qkv.view(b, s, 3, spec.heads, d).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v, scale=spec.scale).transpose(1, 2).reshape(b * s, e)
-    outs = []
-    for rows in qkv.split(packed.lengths()):
-        if rows.shape[0] == 0:
-            continue
-        q, k, v = rows.view(1, -1, 3, spec.heads, d).permute(2, 0, 3, 1, 4)
-        outs.append(F.scaled_dot_product_attention(q, k, v, scale=spec.scale).transpose(1, 2).reshape(-1, e))
-    return torch.cat(outs) if outs else qkv.new_zeros(0, e)
-
-
 def _fused_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
     src = packed.nested
     out = torch._transformer_encoder_layer_fwd(
         src, packed.padded_shape[-1], spec.heads, p["qkv_w"], p["qkv_b"], p["wo"], p["bo"], spec.activation == "gelu",
         spec.norm_first, spec.eps, p["g1"], p["n1"], p["g2"], p["n2"], p["w1"], p["b1"], p["w2"], p["b2"], None, None)
-    return Packed(None, out, packed.keep, packed.index, packed.padded_shape, packed._lengths)
+    return Packed(out, packed.keep, packed.index, packed.padded_shape, packed._lengths)
 
 
 def link_stack(gm, installed, report) -> None:
@@ -394,7 +347,7 @@ def _link(kept, by_node) -> dict:
         if len(users) != 1 or users[0] not in kept:
             continue
         nxt_node, nxt = users[0], by_node[users[0]]
-        if nxt.params["impl"] != region.params["impl"] or nxt_node.args[nxt.slots["x"].index] is not node:
+        if nxt_node.args[nxt.slots["x"].index] is not node:
             continue
         if not same_computation(_mask_terms(node, region), _mask_terms(nxt_node, nxt)) or \
                 nxt.params["spec"].program != region.params["spec"].program or \
@@ -445,9 +398,6 @@ def _check(match, norm_first: bool):
     xv = val(origin(x)) if not isinstance(x, Const) else None
     if not isinstance(xv, TensorInfo) or xv.ndim != 3 or not isinstance(sym(origin(x)), tuple):
         return Decline("the block input is not a [batch, sequence, hidden] tensor")
-    if match.options.get("encoder_impl", "auto") == "auto" and xv.device.type in PADDING_FREE_DEVICES:
-        return Decline(f"on {xv.device.type} the padding-free pass takes the stack (measured faster than the fused "
-                       "kernel, bench/gpu.py; encoder_impl='fused' keeps the kernel)")
     e = number(sym(origin(x))[-1])
     if e is None:
         return Decline("the hidden size is not fixed")
@@ -491,12 +441,10 @@ def _check(match, norm_first: bool):
                      1.0 / math.sqrt(e // n_heads), qkv_packed(weights), seq_first)
     inputs = {"x": x, "mask_terms": _mask_terms(node, region), "passed_in": tuple(passed_in)}
     inputs.update(weights)
-    impl = match.options.get("encoder_impl", "auto")
     absorb = tuple(act_nodes) + (linear1,) + ((second_norm,) if second_norm is not None else ())
-    note = "the original runs in training mode, and with gradients on the fused kernel"
-    params = {"spec": spec, "impl": impl, "pack_qkv": QKVPack(), "expected": tuple(val(n) for n in passed_in)}
-    return Accept(inputs, params, absorb=absorb, note=note,
-                  impl=impl if impl != "auto" else f"auto ({', '.join(f'{d}: {i}' for d, i in DEFAULT_IMPL.items())})")
+    note = "the original runs in training mode and when gradients are needed"
+    params = {"spec": spec, "pack_qkv": QKVPack(), "expected": tuple(val(n) for n in passed_in)}
+    return Accept(inputs, params, absorb=absorb, note=note, impl="fused")
 
 
 def _attention_region(match):
@@ -808,7 +756,7 @@ def _shape(t) -> tuple:
 
 RULES = [
     Rule("post_norm_encoder_block", post_norm_encoder_block, encoder_block, check_post_norm, kernel="fused_encoder",
-         priority=1, after_pass=link_stack),
+         priority=1, after_pass=link_stack, enabled=asked_for),
     Rule("pre_norm_encoder_block", pre_norm_encoder_block, encoder_block, check_pre_norm, kernel="fused_encoder",
-         priority=1, after_pass=link_stack),
+         priority=1, after_pass=link_stack, enabled=asked_for),
 ]

@@ -437,8 +437,8 @@ def _check_readers_in(gm, region) -> None:
 
 
 RULES = [
-    # after the encoder-block template (priority 1), whose fused kernel and dense blocks take the blocks that fit
-    # it; this pass takes the stacks around every attention left
+    # after the encoder-block template (priority 1, only with encoder_impl="fused"), whose fused kernel takes the
+    # blocks that fit it; this pass takes the stacks around every attention left
     Rule("padding_free", attention_stack, padding_free, check_padding_free, kernel="padding_free", priority=2,
          after_pass=after_padding_free),
 ]

@@ -248,14 +248,14 @@ def test_dynamo_reuses_blocks_after_fxbt_packed_their_weights():
     is left as it was."""
     spec = zoo.SPECS["bert"]
     model = spec.build()
-    fxbt.optimize(model, spec.example(), frontend="dynamo")
+    fxbt.optimize(model, spec.example(), frontend="dynamo", encoder_impl="fused")
     with torch.no_grad():
         model(**spec.probe())  # the encoder blocks pack their projections
     attention = model.encoder.layer[0].attention.self
     storages = lambda: {w.weight.untyped_storage().data_ptr()  # noqa: E731
                         for w in (attention.query, attention.key, attention.value)}
     assert len(storages()) == 1
-    fxbt.optimize(model, spec.example(), frontend="dynamo")
+    fxbt.optimize(model, spec.example(), frontend="dynamo", encoder_impl="fused")
     assert _block_reuse(fxbt.report(model)) == f"{zoo.L} calls of repeated blocks captured from 1 trace(s) of a block"
     assert len(storages()) == 1
     probe = spec.probe()

@@ -31,8 +31,8 @@ def test_optimize_a_config_prints_the_report(tmp_path):
     path.write_text(json.dumps(config.to_dict()))
     out = run("optimize", str(path), "--batch", "2", "--seq", "8")
     assert out.returncode == 0, out.stderr
-    assert "captured with" in out.stdout and "fused_encoder" in out.stdout and "sdpa" in out.stdout
-    assert f"{2 * zoo.L} rewritten" in out.stdout
+    assert "captured with" in out.stdout and "padding_free" in out.stdout and "sdpa" in out.stdout
+    assert f"{zoo.L + 1} rewritten" in out.stdout  # each attention, and the stack around them on real tokens
 
 
 def test_a_bad_path_is_one_clear_line(tmp_path):
@@ -131,4 +131,5 @@ def test_export_writes_the_graph(tmp_path):
     path.write_text(json.dumps(config.to_dict()))
     out = run("export", str(path), "--format", "json", "--out", str(tmp_path / "g.json"), "--seq", "8")
     assert out.returncode == 0, out.stderr
-    assert sum(1 for n in json.loads((tmp_path / "g.json").read_text())["nodes"] if n.get("region")) == zoo.L
+    regions = [n for n in json.loads((tmp_path / "g.json").read_text())["nodes"] if n.get("region")]
+    assert [n["kernel"] for n in regions] == ["padding_free"]  # the stack, its attentions inside it

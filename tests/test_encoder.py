@@ -1,4 +1,6 @@
-"""Encoder blocks become the fused encoder, with padding removed once across the whole stack."""
+"""Encoder blocks become the fused encoder, with padding removed once across the whole stack.
+
+The template is opt-in (``encoder_impl="fused"``); by default the padding-free pass takes encoder stacks."""
 from __future__ import annotations
 
 import pytest
@@ -33,21 +35,20 @@ def _fused_regions(gm):
     return [r for _, r in regions(gm) if r.kernel == "fused_encoder"]
 
 
-@pytest.mark.parametrize("impl", ["dense", "fused"])
 @pytest.mark.parametrize("name", sorted(zoo.ENCODERS))
-def test_every_encoder_block_is_fused_and_real_tokens_match(name, impl):
+def test_every_encoder_block_is_fused_and_real_tokens_match(name):
     overrides, blocks = zoo.ENCODERS[name]
     spec = zoo.SPECS[name]
     model = spec.build(**overrides)
-    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl)
+    gm = fxbt.optimize(model, spec.example(), encoder_impl="fused")
     report = fxbt.report(gm)
     assert len(report.rewritten("fused_encoder")) == blocks, str(report)
-    assert all(r.impl == impl for r in report.rewritten("fused_encoder"))
+    assert all(r.impl == "fused" for r in report.rewritten("fused_encoder"))
     for batch, seq in [(3, 11), (1, 6), (4, 9)]:
         inputs = zoo.make_inputs(spec, batch, seq, pad=True, seed=batch)
         with torch.no_grad():
             err = real_token_error(spec, reference(model, inputs), gm(**inputs), inputs)
-        assert err < TOL, f"{name}/{impl}: {err:.2e}"
+        assert err < TOL, f"{name}: {err:.2e}"
         assert all(r.last_path == "replacement" for r in _fused_regions(gm))
 
 
@@ -55,7 +56,7 @@ def test_every_encoder_block_is_fused_and_real_tokens_match(name, impl):
 def test_blocks_with_another_activation_are_declined_and_attention_still_sdpa(name):
     overrides, reason = zoo.ENCODER_DECLINED[name]
     spec = zoo.SPECS[name]
-    gm = fxbt.optimize(spec.build(**overrides), spec.example())
+    gm = fxbt.optimize(spec.build(**overrides), spec.example(), encoder_impl="fused")
     report = fxbt.report(gm)
     assert not report.rewritten("fused_encoder")
     declined = report.rejected("fused_encoder")
@@ -70,10 +71,9 @@ def bert():
     return spec, model
 
 
-@pytest.mark.parametrize("impl", ["dense", "fused"])
-def test_padding_is_removed_once_per_stack(bert, impl, monkeypatch):
+def test_padding_is_removed_once_per_stack(bert, monkeypatch):
     spec, model = bert
-    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl)
+    gm = fxbt.optimize(model, spec.example(), encoder_impl="fused")
     blocks = _fused_regions(gm)
     assert [r.params.get("emit_packed", False) for r in blocks] == [True, True, False]
     calls = []
@@ -86,11 +86,10 @@ def test_padding_is_removed_once_per_stack(bert, impl, monkeypatch):
     assert out.last_hidden_state.shape == reference(model, inputs).last_hidden_state.shape
 
 
-@pytest.mark.parametrize("impl", ["dense", "fused"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_left_and_right_padding_and_an_empty_row(bert, impl, side):
+def test_left_and_right_padding_and_an_empty_row(bert, side):
     spec, model = bert
-    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl)
+    gm = fxbt.optimize(model, spec.example(), encoder_impl="fused")
     inputs = zoo.make_inputs(spec, 4, 10, pad=True, seed=7, left=side == "left")
     inputs["attention_mask"][2] = 0  # a row with no real token at all
     with torch.no_grad():
@@ -102,10 +101,25 @@ def test_left_and_right_padding_and_an_empty_row(bert, impl, side):
     assert err < TOL
 
 
+def test_by_default_encoder_stacks_are_left_to_the_padding_free_pass(bert):
+    """The template is opt-in: without encoder_impl="fused" no block is fused, and the whole stack runs on its
+    real tokens through the padding-free pass instead."""
+    spec, model = bert
+    gm = fxbt.optimize(model, spec.example(), inplace=False)
+    report = fxbt.report(gm)
+    assert not [r for r in report.rows if r.kernel == "fused_encoder"], str(report)
+    rows = report.rewritten("padding_free")
+    assert len(rows) == 1 and "3 attentions" in rows[0].reason, str(report)
+    with torch.no_grad():
+        assert real_token_error(spec, reference(model, spec.probe()), gm(**spec.probe()), spec.probe()) < TOL
+    with pytest.raises(fxbt.InputError, match="'dense' was removed"):
+        fxbt.optimize(model, spec.example(), encoder_impl="dense", inplace=False)
+
+
 def test_hidden_states_requested_end_the_stack_and_are_plain_tensors(bert):
     spec, model = bert
     inputs = dict(spec.example(), output_hidden_states=True)
-    gm = fxbt.optimize(model, inputs)
+    gm = fxbt.optimize(model, inputs, encoder_impl="fused")
     blocks = _fused_regions(gm)
     assert len(blocks) == 3 and not any(r.params.get("emit_packed") for r in blocks)
     probe = dict(spec.probe(), output_hidden_states=True)
@@ -129,14 +143,12 @@ def _real_token_loss(out, mask):
     return (out.last_hidden_state * weights * mask[..., None]).sum()
 
 
-@pytest.mark.parametrize("impl", ["dense", "fused"])
-def test_with_gradients_the_dense_path_runs_and_gradients_match(bert, impl):
+def test_with_gradients_the_fused_kernel_serves_the_forward_and_gradients_match(bert):
     """Gradients enabled in eval mode (no torch.no_grad()): the call runs without recording (fxbt/recompute.py),
-    so either implementation serves it. The backward runs the graph again with gradients: the dense path is
-    made of differentiable ops and runs; the fused kernel has no autograd and leaves that run to the original.
-    Either way gradients are exact."""
+    so the fused kernel serves it. The backward runs the graph again with gradients: the kernel has no autograd
+    and leaves that run to the original. Gradients are exact."""
     spec, model = bert
-    gm = fxbt.optimize(model, spec.example(), encoder_impl=impl, inplace=False)
+    gm = fxbt.optimize(model, spec.example(), encoder_impl="fused", inplace=False)
     inputs = spec.probe()
     embeds = model.embeddings.word_embeddings(inputs["input_ids"]).detach().requires_grad_()
     call = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
@@ -144,7 +156,7 @@ def test_with_gradients_the_dense_path_runs_and_gradients_match(bert, impl):
     assert all(r.last_path == "replacement" for r in _fused_regions(gm)), [r.last_path for r in _fused_regions(gm)]
     got_grads = torch.autograd.grad(_real_token_loss(got, inputs["attention_mask"]),
                                     [embeds] + list(model.parameters()), allow_unused=True)
-    in_backward = "replacement" if impl == "dense" else "gradients needed: the fused kernel has no autograd"
+    in_backward = "gradients needed: the fused kernel has no autograd"
     assert all(r.last_path.startswith(in_backward) for r in _fused_regions(gm)), [r.last_path for r in _fused_regions(gm)]
     with detached(model):
         want = model(**call)
@@ -158,7 +170,7 @@ def test_with_gradients_the_dense_path_runs_and_gradients_match(bert, impl):
 
 def test_training_mode_gets_a_graph_of_its_own_where_blocks_are_not_fused(bert):
     spec, model = bert
-    gm = fxbt.optimize(model, spec.example(), inplace=False)
+    gm = fxbt.optimize(model, spec.example(), inplace=False, encoder_impl="fused")
     gm.train()
     with torch.no_grad():
         gm(**spec.probe())
@@ -190,7 +202,7 @@ def test_blocks_of_a_model_already_on_sdpa_are_fused():
     """transformers' default SDPA attention is recognised as attention, so its blocks fuse too."""
     spec = zoo.SPECS["bert"]
     model = spec.build(attn="sdpa")
-    gm = fxbt.optimize(model, spec.example())
+    gm = fxbt.optimize(model, spec.example(), encoder_impl="fused")
     report = fxbt.report(gm)
     assert all(r.reason == "already SDPA" for r in report.rewritten("sdpa")) and report.rewritten("sdpa")
     assert len(report.rewritten("fused_encoder")) == zoo.L
@@ -218,9 +230,9 @@ def test_a_block_with_another_attention_scale_is_declined():
             return self.ln2(h + self.ff2(F.relu(self.ff1(h))))
 
     x = torch.randn(2, 5, 32)
-    fused = fxbt.report(fxbt.optimize(Block(8 ** -0.5).eval(), (x,)))
+    fused = fxbt.report(fxbt.optimize(Block(8 ** -0.5).eval(), (x,), encoder_impl="fused"))
     assert len(fused.rewritten("fused_encoder")) == 1, str(fused)
-    other = fxbt.report(fxbt.optimize(Block(0.2).eval(), (x,)))
+    other = fxbt.report(fxbt.optimize(Block(0.2).eval(), (x,), encoder_impl="fused"))
     assert not other.rewritten("fused_encoder")
     assert "not 1/sqrt(head size)" in other.rejected("fused_encoder")[0].reason
     assert len(other.rewritten("sdpa")) == 1
@@ -230,6 +242,7 @@ def _handwritten_stack(block, frontend, **options):
     """A 3-block stack of a hand-written ``block`` and its optimized graph (example: batch 3, sequence 8)."""
     torch.manual_seed(0)
     model = handwritten.Stack(block).eval()
+    options.setdefault("encoder_impl", "fused")
     return model, fxbt.optimize(model, handwritten.inputs(batch=3, seq=8), frontend=frontend, inplace=False,
                                 **options)
 
@@ -263,9 +276,8 @@ def test_a_scale_computed_from_the_sequence_length_is_not_fused(frontend):
 # plain fx cannot unpack a Proxy (``q, k, v = qkv.unbind(0)``): those styles are captured by dynamo
 @pytest.mark.parametrize("split, frontend", [("index", "fx"), ("index", "dynamo"), ("unbind", "dynamo"),
                                              ("chunk", "dynamo")])
-@pytest.mark.parametrize("impl", ["dense", "fused"])
-def test_q_k_v_from_one_projection_are_fused(split, frontend, impl):
-    model, gm = _handwritten_stack(lambda: handwritten.PackedQKVBlock(split), frontend, encoder_impl=impl)
+def test_q_k_v_from_one_projection_are_fused(split, frontend):
+    model, gm = _handwritten_stack(lambda: handwritten.PackedQKVBlock(split), frontend, encoder_impl="fused")
     assert len(_fused_regions(gm)) == 3, fxbt.report(gm)
     assert _error_on_other_sizes(model, gm) < TOL
 

@@ -93,9 +93,9 @@ def test_graph_exports_mark_the_regions(bert, tmp_path, fmt):
     if fmt == "json":
         nodes = json.loads(text)["nodes"]
         kernels = sorted(n["kernel"] for n in nodes if n.get("region"))
-        assert kernels == ["fused_encoder"] * zoo.L
+        assert kernels == ["padding_free"]
     else:
-        assert text.startswith("digraph") and text.count("-> fused_encoder") == zoo.L
+        assert text.startswith("digraph") and text.count("-> padding_free") == 1
 
 
 def test_export_errors_say_what_to_do(bert, tmp_path):
@@ -159,7 +159,7 @@ def test_python_export_rebuilds_plain_pytorch_modules(tmp_path, monkeypatch):
     """The fx frontend keeps nn.Linear and nn.LayerNorm as modules: rebuilt from code, weights from tensors."""
     torch.manual_seed(0)
     model = hw.Stack(lambda: hw.SizeScaledBlock("head_dim")).eval()
-    gm = fxbt.optimize(model, hw.inputs(), frontend="fx")
+    gm = fxbt.optimize(model, hw.inputs(), frontend="fx", encoder_impl="fused")
     assert fxbt.report(gm).rewritten("fused_encoder")
     folder = fxbt.export(gm, tmp_path / "exported_stack", format="python")
     loaded = reimport(folder, monkeypatch)()

@@ -17,7 +17,7 @@ from test_encoder import real_token_error
 TOL = 1e-5
 
 # (model, attention implementation, left padding): encoders, decoders, both padding sides, both attention forms
-# The pass alone (BERT-like blocks with gelu or relu would take the encoder-block template first by default)
+# The pass alone (what the default runs too: the encoder-block template runs only with encoder_impl="fused")
 PASS = ["softmax_attention", "existing_sdpa", "padding_free"]
 STACKS = [("bert", "eager", False), ("bert", "sdpa", True), ("distilbert", "eager", True), ("albert", "eager", False),
           ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "eager", True), ("clip-text", "eager", False),
@@ -77,6 +77,27 @@ def test_heads_merged_heads_outer_are_not_packed():
     assert any("queries do not run on packed tokens" in r.reason for r in report.rejected("padding_free")), str(report)
     x, mask = handwritten.inputs(4, 11, seed=3)
     assert _masked_error(model, opt, x, mask) < TOL
+
+
+def test_inputs_in_a_tokenizers_order_run_padding_free():
+    """input_ids, token_type_ids, attention_mask, as a tokenizer returns them (sentence-transformers' calls): dynamo
+    proves the position table's slice ``Min(512, s)`` equal to the sequence on a size symbol it then replaces
+    by another; the equality holds in the symbols the shapes are written in, so position embeddings are
+    per-position and the stack runs on real tokens."""
+    spec = zoo.SPECS["bert"]
+    model = spec.build("sdpa")
+    ids = zoo.make_inputs(spec, 4, 10, True, seed=3)
+    example = {"input_ids": ids["input_ids"], "token_type_ids": torch.zeros_like(ids["input_ids"]),
+               "attention_mask": ids["attention_mask"]}
+    opt = fxbt.optimize(model, example, inplace=False)
+    rows = fxbt.report(opt).rewritten("padding_free")
+    assert len(rows) == 1 and f"{zoo.L} attentions" in rows[0].reason, str(fxbt.report(opt))
+    probe = zoo.make_inputs(spec, 3, 7, True, seed=4)
+    probe = {"input_ids": probe["input_ids"], "token_type_ids": torch.ones_like(probe["input_ids"]),
+             "attention_mask": probe["attention_mask"]}
+    with torch.no_grad():
+        assert real_token_error(spec, reference(model, probe), opt(**probe), probe) < TOL
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
 
 
 def test_a_call_without_padding_runs_the_original():
@@ -180,8 +201,8 @@ def test_linears_over_merged_batch_and_sequence_axes(order):
     assert [r.last_path for r in _padding_free(opt)] == (["replacement"] if order == "batch_outer" else [])
 
 
-@pytest.mark.parametrize("patterns", [PASS, None], ids=["padding_free", "encoder_template"])
-def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patterns):
+@pytest.mark.parametrize("patterns, impl", [(PASS, "auto"), (None, "fused")], ids=["padding_free", "encoder_template"])
+def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patterns, impl):
     """The encoder leaves zeros at padded positions; the decoder's cross-attention reads them as keys. Exact when
     its own mask masks them (checked per call); near-miss twins: a mask that lets the padded keys be read, and an
     empty encoder row (its queries weigh every key alike), which run the original: the whole call, or (the pass,
@@ -189,7 +210,7 @@ def test_cross_attention_over_a_padding_free_stack_checks_its_mask_per_call(patt
     model = handwritten.CrossAttending().eval()
     x, mask = handwritten.inputs(3, 9)
     y = torch.randn(3, 5, handwritten.DIM)
-    opt = fxbt.optimize(model, (x, mask, y, mask.clone()), inplace=False, patterns=patterns)
+    opt = fxbt.optimize(model, (x, mask, y, mask.clone()), inplace=False, patterns=patterns, encoder_impl=impl)
     report = fxbt.report(opt)
     assert report.rewritten("padding_free" if patterns else "fused_encoder"), str(report)
     x, mask = handwritten.inputs(4, 11, seed=3)

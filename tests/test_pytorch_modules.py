@@ -74,15 +74,25 @@ def encoder(batch_first, norm_first, layers=2, activation="relu"):
     return nn.TransformerEncoder(layer, layers).eval()  # enable_nested_tensor (the nested fast path) on
 
 
-@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
-@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
-def test_transformer_encoder_blocks_are_fused_with_padding_removed(batch_first, norm_first, record_model_row):
+@pytest.mark.parametrize("batch_first, norm_first, impl", [
+    (True, False, "auto"), (True, True, "auto"), (False, False, "auto"), (False, True, "auto"),
+    (False, False, "fused"), (True, True, "fused")],
+    ids=["batch_first-post_norm", "batch_first-pre_norm", "seq_first-post_norm", "seq_first-pre_norm",
+         "seq_first-post_norm-fused", "batch_first-pre_norm-fused"])
+def test_transformer_encoder_runs_on_real_tokens(batch_first, norm_first, impl, record_model_row):
+    """By default the stack runs padding-free on PyTorch's own ops; encoder_impl="fused" puts each block on the
+    fused encoder kernel instead, padding removed across the stack either way."""
     model = encoder(batch_first, norm_first)
     example = {"src": tokens(2, 5, batch_first), "src_key_padding_mask": padding(2, 5)}
-    gm = fxbt.optimize(model, example, inplace=False)
+    gm = fxbt.optimize(model, example, inplace=False, encoder_impl=impl)
     report = fxbt.report(gm)
-    assert len(report.rewritten("sdpa")) == 2 and len(report.rewritten("fused_encoder")) == 2, str(report)
-    assert all(r.params["spec"].seq_first is not batch_first for _, r in regions(gm) if r.kernel == "fused_encoder")
+    assert len(report.rewritten("sdpa")) == 2, str(report)
+    if impl == "fused":
+        assert len(report.rewritten("fused_encoder")) == 2, str(report)
+        assert all(r.params["spec"].seq_first is not batch_first for _, r in regions(gm) if r.kernel == "fused_encoder")
+    else:
+        stacks = report.rewritten("padding_free")
+        assert len(stacks) == 1 and "2 attentions" in stacks[0].reason, str(report)
     errors = []
     for batch, seq in [(3, 7), (1, 4)]:
         x, pad = tokens(batch, seq, batch_first, seed=seq), padding(batch, seq, seed=seq)
@@ -92,13 +102,14 @@ def test_transformer_encoder_blocks_are_fused_with_padding_removed(batch_first, 
         assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(x, src_key_padding_mask=pad), original(model, x, src_key_padding_mask=pad))
     layout = f"{'batch_first' if batch_first else 'sequence first'}, {'pre' if norm_first else 'post'}-norm"
-    style_row(record_model_row, f"nn.TransformerEncoder ({layout}, key padding mask)", gm, errors)
+    fused = ", encoder_impl='fused'" if impl == "fused" else ""
+    style_row(record_model_row, f"nn.TransformerEncoder ({layout}, key padding mask{fused})", gm, errors)
 
 
 def test_a_single_encoder_layer_without_mask_is_fused():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, H, FF, activation="gelu", batch_first=True).eval()
-    gm = fxbt.optimize(layer, (tokens(2, 5),), inplace=False)
+    gm = fxbt.optimize(layer, (tokens(2, 5),), inplace=False, encoder_impl="fused")
     assert len(rows(gm, "fused_encoder")) == 1, str(fxbt.report(gm))
     x = tokens(3, 6, seed=1)
     with torch.no_grad():
@@ -110,7 +121,8 @@ def test_a_causal_mask_keeps_blocks_unfused_and_attention_sdpa():
     tokens only); its attention still becomes SDPA."""
     model = encoder(batch_first=True, norm_first=False)
     causal = nn.Transformer.generate_square_subsequent_mask(5)
-    gm = fxbt.optimize(model, {"src": tokens(2, 5), "mask": causal, "is_causal": True}, inplace=False)
+    gm = fxbt.optimize(model, {"src": tokens(2, 5), "mask": causal, "is_causal": True}, inplace=False,
+                       encoder_impl="fused")
     assert not rows(gm, "fused_encoder")
     declined = rows(gm, "fused_encoder", "rejected")
     assert len(declined) == 2 and all("causal" in r.reason for r in declined), str(fxbt.report(gm))
@@ -292,10 +304,10 @@ class TimmViT(nn.Module):
 
 
 @pytest.mark.parametrize("vit", [TorchvisionViT, TimmViT], ids=["torchvision", "timm"])
-def test_vision_transformer_blocks_are_fused(vit, record_model_row):
+def test_vision_transformer_blocks_are_fused_on_request(vit, record_model_row):
     torch.manual_seed(0)
     model = vit().eval()
-    gm = fxbt.optimize(model, (torch.randn(2, 3, 8, 8),), inplace=False)
+    gm = fxbt.optimize(model, (torch.randn(2, 3, 8, 8),), inplace=False, encoder_impl="fused")
     report = fxbt.report(gm)
     assert len(report.rewritten("fused_encoder")) == 2 and len(report.rewritten("sdpa")) == 2, str(report)
     images = torch.randn(3, 3, 8, 8)
@@ -303,7 +315,7 @@ def test_vision_transformer_blocks_are_fused(vit, record_model_row):
         error = real_error(model(images), gm(images))
     assert error < TOL
     assert identical(fxbt.unroll(gm)(images), original(model, images))
-    style_row(record_model_row, f"{'torchvision' if vit is TorchvisionViT else 'timm'}-style ViT", gm, [error])
+    style_row(record_model_row, f"{'torchvision' if vit is TorchvisionViT else 'timm'}-style ViT (encoder_impl='fused')", gm, [error])
 
 
 class OpenClipResidualAttentionBlock(nn.Module):
@@ -346,7 +358,7 @@ class OpenClipTextTower(nn.Module):
 def test_open_clip_text_tower_attention_is_sdpa(record_model_row):
     torch.manual_seed(0)
     model = OpenClipTextTower().eval()
-    gm = fxbt.optimize(model, (torch.randint(0, 50, (2, 6)),), inplace=False)
+    gm = fxbt.optimize(model, (torch.randint(0, 50, (2, 6)),), inplace=False, encoder_impl="fused")
     report = fxbt.report(gm)
     assert len(report.rewritten("sdpa")) == 2, str(report)
     assert not report.rewritten("fused_encoder") and len(report.rejected("fused_encoder")) == 2, str(report)
@@ -355,7 +367,7 @@ def test_open_clip_text_tower_attention_is_sdpa(record_model_row):
         error = real_error(model(text), gm(text))
     assert error < TOL
     assert identical(fxbt.unroll(gm)(text), original(model, text))
-    style_row(record_model_row, "open_clip-style text tower (causal float mask)", gm, [error])
+    style_row(record_model_row, "open_clip-style text tower (causal float mask, encoder_impl='fused')", gm, [error])
 
 
 class XTransformersAttention(nn.Module):

@@ -51,7 +51,9 @@ def test_an_example_of_batch_one_sequence_one_or_equal_sizes_serves_every_size(e
     optimized = fxbt.optimize(model, zoo.make_inputs(spec, *example, pad=True, seed=1), inplace=False)
     assert _check(spec, model, optimized, [(3, 10), (1, 1), (4, 4), (2, 7), (5, 1)]) < TOL
     report = fxbt.report(optimized)
-    assert all(g.rewritten("fused_encoder") for g in report.reports)  # every graph is a fast one
+    assert all(g.rewritten("sdpa") for g in report.reports)  # every graph is a fast one
+    # and the stack runs on real tokens wherever a sequence can hold padding (a graph for length 1 cannot)
+    assert any(g.rewritten("padding_free") for g in report.reports), str(report)
     made = [h for h in report.history if h.startswith("specialization made")]
     assert len(made) == len(report.reports) <= 4, report.history
 
@@ -129,12 +131,17 @@ def test_replaced_parameters_and_assign_loads_are_used():
     assert "parameter encoder.layer.0.attention.self.query.weight was replaced" in " ".join(fxbt.report(model).history)
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)
+
+    def relative_error():  # random LayerNorm weights and biases make outputs of size ~10: fp32 rounding grows
+        want = reference(model, probe)
+        return real_token_error(spec, want, model(**probe), probe) / max(1.0, want.last_hidden_state.abs().max())
+
     with torch.inference_mode():
-        assert real_token_error(spec, reference(model, probe), model(**probe), probe) < 2 * TOL
+        assert relative_error() < TOL
     with torch.no_grad():  # in-place changes need no new graph: the graph reads the same tensors
         model.encoder.layer[1].output.dense.weight.mul_(0.5)
         count = len(fxbt.report(model).reports)
-        assert real_token_error(spec, reference(model, probe), model(**probe), probe) < 2 * TOL
+        assert relative_error() < TOL
         assert len(fxbt.report(model).reports) == count
 
 
@@ -269,7 +276,7 @@ def test_empty_batches_behave_as_the_original(name, batch, seq):
 def test_a_stack_whose_output_is_convolved_over_positions_is_not_padding_free():
     torch.manual_seed(0)
     model = hw.ConvPooledStack().eval()
-    optimized = fxbt.optimize(model, hw.inputs(3, 8), frontend="fx", inplace=False)
+    optimized = fxbt.optimize(model, hw.inputs(3, 8), frontend="fx", inplace=False, encoder_impl="fused")
     rejected = fxbt.report(optimized).rejected("fused_encoder")
     assert len(rejected) == 2 and all("padded positions of its output are read" in r.reason for r in rejected)
     x, mask = hw.inputs(3, 11, seed=4)
@@ -281,7 +288,7 @@ def test_a_stack_whose_output_is_convolved_over_positions_is_not_padding_free():
 def test_a_pooler_reading_position_zero_sees_the_original_value(side):
     torch.manual_seed(0)
     model = hw.PoolerStack().eval()
-    optimized = fxbt.optimize(model, hw.inputs(3, 8), frontend="fx", inplace=False)
+    optimized = fxbt.optimize(model, hw.inputs(3, 8), frontend="fx", inplace=False, encoder_impl="fused")
     assert len(fxbt.report(optimized).rewritten("fused_encoder")) == 2
     x, mask = hw.inputs(3, 9, seed=5)
     if side == "left":
@@ -344,7 +351,7 @@ def test_sew_with_an_attention_mask_stays_exact():
 def test_blocks_with_a_mask_that_is_not_key_padding_are_declined_with_the_reason(kind):
     torch.manual_seed(0)
     model = hw.BiasedStack(kind).eval()
-    optimized = fxbt.optimize(model, hw.inputs(3, 8), frontend="fx", inplace=False)
+    optimized = fxbt.optimize(model, hw.inputs(3, 8), frontend="fx", inplace=False, encoder_impl="fused")
     report = fxbt.report(optimized)
     assert not report.rewritten("fused_encoder") and report.rejected("fused_encoder")
     why = "differs per query" if kind == "local" else "differs per head"
