@@ -163,17 +163,12 @@ class FairseqTimeFirst(nn.Module):
         return self.o(out).transpose(0, 1)
 
 
-class BlockedLocal(nn.Module):
-    """Blocked local attention: the sequence cut into blocks of ``BLOCK``, each attending within itself, with
-    5-d einsums over [batch, heads, block, position, dim] and the key-padding mask cut the same way. The
-    sequence length must be a multiple of ``BLOCK``."""
+class BlockedLocal(EinsumHeadsThird):
+    """Blocked local attention (`EinsumHeadsThird`'s projections): the sequence cut into blocks of ``BLOCK``, each
+    attending within itself, with 5-d einsums over [batch, heads, block, position, dim] and the key-padding mask
+    cut the same way. The sequence length must be a multiple of ``BLOCK``."""
 
     BLOCK = 4
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.o = nn.Linear(DIM, DIM)
 
     def forward(self, x, mask):
         b, s, _ = x.shape
