@@ -505,6 +505,8 @@ def machines() -> list[str]:
     made = f"Made by `{run['command']}` (this file and the PNGs beside it)"
     if run["commit"]:
         made += f" at commit {run['commit']}, in {run['minutes']:.0f} minutes"
+    made += ("; sections re-measured since by their own script give their machine, versions and load beside them "
+             "(the encoder sections were, when the padding-free stack became the default for encoder stacks)")
     lines = [made + ".", "",
              f"- Machine and main environment: {enc['machine'] if enc else '?'}."]
     if tf4:

@@ -89,7 +89,8 @@ def test_transformer_encoder_runs_on_real_tokens(batch_first, norm_first, impl, 
     assert len(report.rewritten("sdpa")) == 2, str(report)
     if impl == "fused":
         assert len(report.rewritten("fused_encoder")) == 2, str(report)
-        assert all(r.params["spec"].seq_first is not batch_first for _, r in regions(gm) if r.kernel == "fused_encoder")
+        fused = [r for _, r in regions(fxbt.api.graph_module(gm)) if r.kernel == "fused_encoder"]
+        assert len(fused) == 2 and all(r.params["spec"].seq_first is not batch_first for r in fused)
     else:
         stacks = report.rewritten("padding_free")
         assert len(stacks) == 1 and "2 attentions" in stacks[0].reason, str(report)
@@ -101,6 +102,9 @@ def test_transformer_encoder_runs_on_real_tokens(batch_first, norm_first, impl, 
                                      batch_first))
         assert errors[-1] < TOL
         assert identical(fxbt.unroll(gm)(x, src_key_padding_mask=pad), original(model, x, src_key_padding_mask=pad))
+    report = fxbt.report(gm)
+    stack = report.rewritten("padding_free") + report.rewritten("fused_encoder")
+    assert stack and all(r.calls.get("fast") for r in stack), [dict(r.calls) for r in stack]  # not the original
     layout = f"{'batch_first' if batch_first else 'sequence first'}, {'pre' if norm_first else 'post'}-norm"
     fused = ", encoder_impl='fused'" if impl == "fused" else ""
     style_row(record_model_row, f"nn.TransformerEncoder ({layout}, key padding mask{fused})", gm, errors)
