@@ -88,10 +88,9 @@ def _product_above(g, key) -> bool:
     """Whether a product Q·Kᵀ feeds ``key`` through its largest operands: an op between the scores and the
     softmax that no rule absorbs (tanh soft-capping, a clamp written as ``max(scores, finfo.min)``)."""
     for _ in range(8):
-        operands = [o for o in g.operands(key) if not isinstance(o, Const)]
-        if not operands:
+        key = _scores_operand(g, key)
+        if key is None:
             return False
-        key = max(operands, key=_numel)
         if g.op(key) in _PRODUCTS:
             return True
     return False
@@ -104,12 +103,18 @@ def _up(g, key):
     for _ in range(32):
         if isinstance(key, Const) or g.op(key) not in _SCORE_OPS:
             return key, passed
-        operands = [o for o in g.operands(key) if not isinstance(o, Const)]
-        if not operands:
+        operand = _scores_operand(g, key)
+        if operand is None:
             return key, passed
-        # the scores are the operand with the most elements (a mask or bias broadcasts to them)
-        key, passed = max(operands, key=_numel), True
+        key, passed = operand, True
     return key, passed
+
+
+def _scores_operand(g, key):
+    """The operand of ``key`` that carries the scores: the one with the most elements (a mask or bias
+    broadcasts to them); None where every operand is a constant."""
+    operands = [o for o in g.operands(key) if not isinstance(o, Const)]
+    return max(operands, key=_numel) if operands else None
 
 
 def _down(g, key):

@@ -231,12 +231,11 @@ def _equalities(env, constants) -> dict:
             x = parent[x]
         return x
 
-    replacements = getattr(env, "replacements", {})
     for guard in getattr(env, "guards", ()):
         expr = getattr(guard, "expr", None)
         if isinstance(expr, sympy.Basic):
             # in the symbols the shapes are written in (``Eq(s11, Min(512, s11))`` with s11 replaced by s0)
-            expr = _substituted(expr, replacements).xreplace(constants)
+            expr = env.replace(expr).xreplace(constants)
         if isinstance(expr, sympy.Eq) and not (expr.lhs.is_number and expr.rhs.is_number):
             a, b = find(expr.lhs), find(expr.rhs)
             if a != b:
@@ -249,15 +248,6 @@ def _equalities(env, constants) -> dict:
         simplest = min(members, key=lambda e: (not e.is_number, sympy.count_ops(e), str(e)))
         rewrite.update({m: simplest for m in members if m != simplest and m.free_symbols})
     return rewrite
-
-
-def _substituted(expr, replacements: dict, rounds: int = 8):
-    for _ in range(rounds):  # replacements may chain (s96 -> s11 -> s0)
-        done = expr.xreplace(replacements)
-        if done == expr:
-            break
-        expr = done
-    return expr
 
 
 def symbolic(value: Any, env=None, known=None, memo: dict | None = None) -> Any:

@@ -253,8 +253,8 @@ def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo,
         packed = _pack_input(x, keep, reads)
     if spec.qkv_packed:
         qkv_w, qkv_b = wq, _bias(bq, wq)
-    else:  # views into one packed weight where no gradient flows; a differentiable concatenation where one does
-        qkv_w = torch.cat([wq, wk, wv]) if grads else pack_qkv.get(wq, wk, wv)
+    else:  # views into one packed weight (no gradient flows: calls needing one ran the original above)
+        qkv_w = pack_qkv.get(wq, wk, wv)
         qkv_b = torch.cat([_bias(bq, wq), _bias(bk, wk), _bias(bv, wv)])
     params = dict(qkv_w=qkv_w, qkv_b=qkv_b, wo=wo, bo=_bias(bo, wo), g1=_ones(g1, e, x), n1=_zeros(n1, e, x),
                   w1=w1, b1=_bias(b1, w1), w2=w2, b2=_bias(b2, w2), g2=_ones(g2, e, x), n2=_zeros(n2, e, x))
