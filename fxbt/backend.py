@@ -11,12 +11,13 @@ here too (`compile_route`).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 import torch.fx
 
-from . import decompose, einsums, functional, registry, shapes
+from . import decompose, einsums, functional, registry, shapes, tokens
 from .canon import canonical_op
 from .meta import propagate
 from .report import Report
@@ -54,11 +55,68 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: di
     for pos, node in enumerate(gm.graph.nodes):
         node.meta["fxbt_pos"] = pos
     gm.train(_drops_out(gm))  # a new GraphModule says "training"; the graph's own dropout says what was traced
+    gm.meta[tokens.OUTPUTS_READ_BY_CODE] = not _returns_from_the_compiled_function(gm)
     report = Report("torch.compile", reason=reason)
     apply_and_verify(gm, registry.select(patterns), report, options, inputs)
     gm.fxbt_report = report
     (_REPORTS if sink is None else sink).append(report)
     return gm
+
+
+def _returns_from_the_compiled_function(gm: torch.fx.GraphModule) -> bool:
+    """Whether what the graph returns is what the compiled function returns (the model's outputs).
+
+    Not so for a graph that ends at a graph break, nor for one that ends a function the compiled one calls
+    (after a break, dynamo compiles each function the rest of the code calls on its own): more of the model's
+    code reads those outputs, and may read their padded positions, where a padding-free region leaves zeros.
+    A graph ending the compiled function, or the code dynamo resumes it with after a break, returns to its
+    caller. Whatever cannot be told counts as read by code."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or reason.graph_break:
+        return False
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        root = InstructionTranslator.current_tx().f_code
+    except (ImportError, AttributeError):
+        return False
+    entry = _compiled_function()
+    codes = _codes(entry) if entry is not None else []
+    seen = set()
+    while codes:  # the entry's code, and the resume functions dynamo made from it (and from those)
+        code = codes.pop()
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        if code in ContinueExecutionCache.cache:
+            codes.extend(ContinueExecutionCache.cache[code].values())
+    return root in seen
+
+
+def _compiled_function():
+    """The function torch.compile wrapped, from the innermost of its wrappers on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "compile_wrapper" and "_dynamo" in frame.f_code.co_filename:
+            return frame.f_locals.get("fn")
+        frame = frame.f_back
+    return None
+
+
+def _codes(fn) -> list:
+    """The code objects dynamo may compile first for ``fn``: its own and, for a decorated function, those of
+    the functions it wraps; a compiled module's (its ``__call__``) are its ``forward``'s."""
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and getattr(fn, "__func__", None) in (
+            torch.nn.Module._wrapped_call_impl, torch.nn.Module._call_impl):
+        fn = owner.forward
+    codes = []
+    while fn is not None:
+        fn = getattr(fn, "__func__", fn)
+        codes.append(getattr(fn, "__code__", None))
+        fn = getattr(fn, "__wrapped__", None)
+    return codes
 
 
 def _drops_out(gm: torch.fx.GraphModule) -> bool:

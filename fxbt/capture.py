@@ -116,7 +116,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
                 continue
             gm = None
             try:
-                with stage(f"capture ({name})"):
+                with stage(f"capture ({name})"), attributes_kept(model):
                     gm, decisions = attempt(model, args, kwargs)
                 with stage("calling convention"):
                     flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
@@ -209,6 +209,22 @@ def _short_reason(e: Exception) -> str:
     text = str(e).strip().splitlines()
     first = next((line for line in text if line.strip()), "")
     return f"{type(e).__name__}: {first[:300]}"
+
+
+@contextlib.contextmanager
+def attributes_kept(model: torch.nn.Module):
+    """Tracing runs the model's forward on proxies, and an attribute the forward assigns would keep one
+    (CodeGen stores its position table on ``self`` when it moves it to the ids' device; rotary caches store
+    their tables): the model would then fail on its next call. Every module's attributes, parameters,
+    buffers and submodules are put back as they were, whether the trace succeeded or not."""
+    saved = [(d, dict(d)) for m in model.modules() for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
+    try:
+        yield
+    finally:
+        for now, before in saved:
+            if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                now.clear()
+                now.update(before)
 
 
 @contextlib.contextmanager
@@ -401,6 +417,8 @@ def _flatten_io(gm, model, args, kwargs, reference, frontend) -> list:
 def _decompose_attention(gm, flat_inputs, frontend) -> None:
     """PyTorch's multi-head attention calls written out as the ops they run (fxbt/decompose.py), and einsums
     in a layout of their own as permutes and matmul (fxbt/einsums.py)."""
+    if einsums.needs_ranks(gm):  # an ellipsis stands for as many axes as the operands' ranks say
+        propagate(gm, flat_inputs)
     added = einsums.write_out(gm)
     if decompose.candidates(gm):
         propagate(gm, flat_inputs)  # ranks and dtypes the calls' Python code decides from

@@ -5,11 +5,14 @@ its output permuted. The canonical view already reads an einsum laid out like ma
 an einsum with any other arrangement of its batch, row, contraction and column axes is written here, before
 matching, as ``permute`` → ``matmul`` → ``permute`` nodes, so that attention written this way is recognised
 like attention written with transposes. The right operand is written as ``[..., columns, contraction]``
-transposed where its axes come in that order (the usual ``k.transpose(-2, -1)``). einsum computes a pair
-product the same way (a permute of each operand, then one batched GEMM), and capture's reproduction check
-holds the written-out graph to the model's outputs.
+transposed where its axes come in that order (the usual ``k.transpose(-2, -1)``). An ellipsis
+(``"... i d, ... j d -> ... i j"``) stands for as many batch axes as the operands' ranks say; such an einsum is
+always written out, whatever its layout. einsum computes a pair product the same way (a permute of each operand,
+then one batched GEMM), and capture's reproduction check holds the written-out graph to the model's outputs.
 """
 from __future__ import annotations
+
+import string
 
 import torch
 import torch.fx
@@ -21,7 +24,7 @@ def write_out(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     added: list[torch.fx.Node] = []
     for node in list(gm.graph.nodes):
         operands = _operands(node)
-        plan = _plan(node.args[0], operands) if operands else None
+        plan = _plan(_without_ellipsis(node.args[0], operands), operands) if operands else None
         if plan is None:
             continue
         a_perm, b_perm, transpose, out_perm = plan
@@ -52,10 +55,48 @@ def _operands(node: torch.fx.Node) -> list | None:
     return operands if ok and isinstance(node.args[0], str) else None
 
 
-def _plan(equation: str, operands) -> tuple | None:
-    """(left permutation, right permutation, transpose the right?, output permutation), or None where the
-    einsum is not one batched matrix product, or is one in matmul's own layout already."""
+def needs_ranks(gm: torch.fx.GraphModule) -> bool:
+    """Some einsum has an ellipsis and an operand whose rank is not recorded yet."""
+    return any(_operands(n) and "..." in n.args[0] and any(_rank(x) is None for x in _operands(n))
+               for n in gm.graph.nodes)
+
+
+def _rank(node: torch.fx.Node) -> int | None:
+    for key in ("example_value", "val", "fxbt_val"):
+        shape = getattr(node.meta.get(key), "shape", None)
+        if shape is not None:
+            return len(shape)
+    return None
+
+
+def _without_ellipsis(equation: str, operands) -> str | tuple | None:
+    """The equation with each ``...`` spelled out in letters of its own, one per axis it stands for, marked
+    (a tuple) so that it is written out in any layout; None where the ellipses stand for unequal numbers of
+    axes (broadcast) or a rank is unknown."""
     eq = equation.replace(" ", "")
+    if "..." not in eq:
+        return eq
+    terms = eq.replace("->", ",").split(",")
+    if len(terms) != 3 or any(t.count("...") != 1 for t in terms):
+        return None
+    ranks = [_rank(x) for x in operands]
+    if None in ranks:
+        return None
+    lengths = {rank - len(t.replace("...", "")) for t, rank in zip(terms, ranks)}
+    spare = [c for c in string.ascii_letters if c not in eq]
+    if len(lengths) != 1 or min(lengths) < 0 or len(spare) < min(lengths):
+        return None
+    return (eq.replace("...", "".join(spare[: lengths.pop()])),)
+
+
+def _plan(equation, operands) -> tuple | None:
+    """(left permutation, right permutation, transpose the right?, output permutation), or None where the
+    einsum is not one batched matrix product, or is one in matmul's own layout already (an equation given as
+    a tuple, its ellipsis spelled out, is written out in any layout)."""
+    if equation is None:
+        return None
+    spelled_out = isinstance(equation, tuple)
+    eq = equation[0] if spelled_out else equation.replace(" ", "")
     if "->" not in eq or "." in eq or eq.count(",") != 1:
         return None
     lhs, out = eq.split("->")
@@ -73,7 +114,7 @@ def _plan(equation: str, operands) -> tuple | None:
     b_perm = [b.index(x) for x in batch + ([j, c] if transpose else [c, j])]
     product = batch + [i, j]
     out_perm = [product.index(x) for x in out]
-    if all(_identity(p) for p in (a_perm, b_perm, out_perm)):
+    if all(_identity(p) for p in (a_perm, b_perm, out_perm)) and not spelled_out:
         return None  # matmul's layout, the right maybe transposed: the canonical view reads it as it is
     return a_perm, b_perm, transpose, out_perm
 

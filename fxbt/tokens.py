@@ -17,7 +17,9 @@ batch and sequence axes apart) to the graph's outputs and says what reads its pa
 - attention regions that take it as keys or values (cross-attention over an encoder's output): exact
   whenever the attention's own mask masks every padded key, which that region checks per call (as
   queries, attention is position-wise: each query's output follows from its own query);
-- otherwise, the first op that mixes positions: the caller must not leave zeros there.
+- otherwise, the first op that mixes positions: the caller must not leave zeros there. The outputs of a
+  graph whose outputs more of the model's code reads (torch.compile broke the model's forward after it) count
+  as such an op: that code is not in the graph, so nothing proves it reads real positions only.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ _ELEMENTWISE_NAMES = frozenset({
 _LAST_DIM_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "norm", "softmax", "log_softmax",
                                   "var", "std", "logsumexp"})
 _LAYOUT = frozenset({"transpose", "permute"})
+# a graph's meta key: its outputs are read by more of the model's code (a graph torch.compile broke), not returned
+OUTPUTS_READ_BY_CODE = "fxbt_outputs_read_by_code"
 
 
 @dataclass
@@ -69,6 +73,9 @@ def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozens
     while frontier:
         node, axes = frontier.pop()
         for user in node.users:
+            if user.op == "output" and gm.meta.get(OUTPUTS_READ_BY_CODE):
+                found.mixes = "the graph's output, which the model's code reads after the graph"
+                return found
             if user in seen or user.op == "output" or user in through or is_size_query(user):
                 continue
             seen.add(user)

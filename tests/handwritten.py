@@ -181,8 +181,26 @@ class BlockedLocal(EinsumHeadsThird):
         return self.o(out.permute(0, 2, 3, 1, 4).reshape(b, s, DIM))
 
 
+class EllipsisEinsum(nn.Module):
+    """x-transformers' style: scores by ``... i d, ... j d -> ... i j`` and the output by ``... i j, ... j d -> ... i d``
+    (einsums with an ellipsis for the batch and head axes), masked scores filled with -finfo.max."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_qkv = nn.Linear(DIM, 3 * DIM, bias=False)
+        self.to_out = nn.Linear(DIM, DIM)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = self.to_qkv(x).view(b, s, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        sim = torch.einsum("... i d, ... j d -> ... i j", q, k) * (DIM // HEADS) ** -0.5
+        sim = sim.masked_fill(~mask[:, None, None, :].bool(), -torch.finfo(torch.float32).max)
+        out = torch.einsum("... i j, ... j d -> ... i d", sim.softmax(dim=-1), v)
+        return self.to_out(out.transpose(1, 2).reshape(b, s, DIM))
+
+
 STYLES = [BmmMaskedFill, EinsumFusedQKV, NanoGPTCausal, SplitScaleWhere, GroupedQuery, EinsumHeadsThird,
-          FairseqTimeFirst]
+          FairseqTimeFirst, EllipsisEinsum]
 MASKED_STYLES = [s for s in STYLES if s is not NanoGPTCausal]  # nanoGPT's attention is causal only
 
 

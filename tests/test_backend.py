@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fxbt
 import zoo
 from conftest import max_error, reference
 
@@ -124,3 +125,59 @@ def test_compiled_bert_in_eval_mode_removes_padding_and_default_sdpa_models_are_
         stacks = [r for report in new for r in report.rewritten("padding_free")]
         assert len(stacks) == 1 and f"{zoo.L} attentions" in stacks[0].reason and stacks[0].calls.get("fast"), \
             [(r.reason, r.calls) for r in stacks]
+
+
+class PoolsAfterABreak(nn.Module):
+    """A masked stack, a branch on values (dynamo breaks the graph there), then a mean over every position, padded
+    ones included: the code after the break reads what the stack computes at padded positions."""
+
+    def __init__(self):
+        super().__init__()
+        from handwritten import BmmMaskedFill, Residual
+        self.stack = Residual(BmmMaskedFill)
+
+    def forward(self, x, mask):
+        h = self.stack(x, mask)
+        if mask.sum() > 0:
+            h = h * 2
+        return h.mean(dim=1)
+
+
+class BreaksBeforeTheStack(PoolsAfterABreak):
+    """Near-miss twin: the break comes first, and the stack's graph returns what the model returns."""
+
+    def forward(self, x, mask):
+        if mask.sum() > 0:
+            x = x * 2
+        return self.stack(x, mask)
+
+
+@pytest.mark.parametrize("route", ["torch.compile", "fxbt.optimize"])
+def test_a_graph_whose_outputs_code_after_a_break_reads_keeps_its_padded_positions(route):
+    """Zeros at padded positions are right for a model's outputs, not for values the rest of its code reads."""
+    from fxbt.backend import reports
+    from handwritten import inputs
+    torch.manual_seed(0)
+    x, mask = inputs(3, 9)
+    probe, probe_mask = inputs(4, 11, seed=3)
+    for model_class, pooled in ((PoolsAfterABreak, True), (BreaksBeforeTheStack, False)):
+        model = model_class().eval()
+        before = len(reports())
+        if route == "torch.compile":
+            run = _compile(model)
+            with torch.no_grad():
+                run(x, mask)
+            new = reports()[before:]
+        else:
+            run = fxbt.optimize(model, (x, mask), inplace=False)
+            new = fxbt.report(run).compiled
+        with torch.no_grad():
+            want, got = model(probe, probe_mask), run(probe, probe_mask)
+        real = torch.ones_like(want) if pooled else probe_mask[..., None]
+        assert ((want - got).abs() * real).max().item() < 1e-5, model_class.__name__
+        stacks = [r for report in new for r in report.rewritten("padding_free")]
+        declined = [r.reason for report in new for r in report.rejected("padding_free")]
+        if pooled:
+            assert not stacks and any("code reads after the graph" in r for r in declined), declined
+        else:
+            assert len(stacks) == 1 and "2 attentions" in stacks[0].reason, [r.reason for r in stacks]

@@ -108,6 +108,37 @@ def test_graph_that_does_not_reproduce_the_model_is_refused():
         fxbt.optimize(Stateful(), (torch.ones(2, 3),), frontend="fx")
 
 
+
+class KeepsItsTable(nn.Module):
+    """Keeps the rows of its table it used on ``self`` (rotary caches keep their tables; CodeGen keeps its table
+    moved to the ids' device): traced, the forward stores a proxy there."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.table = torch.randn(16, 8)
+        self.cached = None  # plain attributes, neither parameters nor buffers
+
+    def forward(self, x):
+        self.cached = self.table.narrow(0, 0, x.shape[1])
+        return self.proj(x) + self.cached
+
+
+@pytest.mark.parametrize("frontend", ["fx", "dynamo", None])
+def test_capture_leaves_the_models_attributes_as_they_were(frontend):
+    model = KeepsItsTable().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        model(x)
+    cached = model.cached
+    fxbt.optimize(model, (x,), frontend=frontend)
+    assert type(model.cached) is torch.Tensor and torch.equal(model.cached, cached), type(model.cached)
+    probe = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        want = model.proj(probe) + model.table[:7]
+        assert torch.allclose(model(probe), want, atol=1e-6)
+        assert torch.allclose(fxbt.restore(model)(probe), want, atol=1e-6)
+
 # --- dynamo: repeated blocks traced once ---------------------------------------------------------------------
 
 

@@ -378,6 +378,8 @@ class XTransformersAttention(nn.Module):
     """x-transformers-like: separate q / kv projections, einsum scores, a padding mask filled with
     -finfo.max, pre-norm residual block with a GELU feed-forward."""
 
+    SCORES, OUTPUT = "b h i d, b h j d -> b h i j", "b h i j, b h j d -> b h i d"
+
     def __init__(self):
         super().__init__()
         self.norm, self.to_q, self.to_kv, self.to_out = nn.LayerNorm(E), nn.Linear(E, E, bias=False), \
@@ -389,9 +391,9 @@ class XTransformersAttention(nn.Module):
         y = self.norm(x)
         q = self.to_q(y).view(b, n, H, E // H).transpose(1, 2)
         k, v = (t.view(b, n, H, E // H).transpose(1, 2) for t in self.to_kv(y).chunk(2, dim=-1))
-        dots = torch.einsum("b h i d, b h j d -> b h i j", q, k) * (E // H) ** -0.5
+        dots = torch.einsum(self.SCORES, q, k) * (E // H) ** -0.5
         dots = dots.masked_fill(~mask[:, None, None, :], -torch.finfo(dots.dtype).max)
-        out = torch.einsum("b h i j, b h j d -> b h i d", dots.softmax(dim=-1), v)
+        out = torch.einsum(self.OUTPUT, dots.softmax(dim=-1), v)
         x = x + self.to_out(out.transpose(1, 2).reshape(b, n, E))
         return x + self.ff(x)
 
@@ -408,12 +410,20 @@ def _matches_at_other_sizes(model, gm) -> list:
     return errors
 
 
-def test_x_transformers_like_block_attention_is_sdpa(record_model_row):
+class EllipsisEinsumAttention(XTransformersAttention):
+    """The same block with its batch and head axes written as an ellipsis in the einsums."""
+
+    SCORES, OUTPUT = "... i d, ... j d -> ... i j", "... i j, ... j d -> ... i d"
+
+
+@pytest.mark.parametrize("block, style", [(XTransformersAttention, "einsum"), (EllipsisEinsumAttention, "ellipsis einsum")],
+                         ids=["named_axes", "ellipsis"])
+def test_x_transformers_like_block_attention_is_sdpa(block, style, record_model_row):
     torch.manual_seed(0)
-    model = XTransformersAttention().eval()
+    model = block().eval()
     gm = fxbt.optimize(model, (tokens(2, 5), ~padding(2, 5)), inplace=False)
-    assert len(rows(gm, "sdpa")) == 1, str(fxbt.report(gm))
-    style_row(record_model_row, "x-transformers-like block (einsum, padding mask)", gm, _matches_at_other_sizes(model, gm))
+    assert len(rows(gm, "sdpa")) == 1 and len(rows(gm, "padding_free")) == 1, str(fxbt.report(gm))
+    style_row(record_model_row, f"x-transformers-like block ({style}, padding mask)", gm, _matches_at_other_sizes(model, gm))
 
 
 # --- multi-query and grouped-query attention, every way of sharing K/V heads ----------------------
