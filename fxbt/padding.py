@@ -31,7 +31,7 @@ from .meta import TensorInfo, ancestors, deterministic, is_size_query, target_na
 from .region import boundary, metadata_stand_in, reads_metadata_only
 from .serialize import make_picklable
 from .shapes import is_static, same, sym
-from .tokens import POSITIONWISE, padded_reads
+from .tokens import POSITIONWISE, blanking, padded_reads
 from .values import ValueKeys
 
 # ops computed position by position, named as their targets (beyond the canonical view's POSITIONWISE)
@@ -95,6 +95,7 @@ class Region:
     reads: set = field(default_factory=set)  # sequence positions read after the region by a fixed index
     key_readers: set = field(default_factory=set)  # attention calls after the region reading it as keys/values
     gathers: set = field(default_factory=set)  # (batch, sequence) index nodes picking positions after the region
+    factors: set = field(default_factory=set)  # (node, token axes, "zero"/"fill") blanking its padded positions after
     why_not: dict = field(default_factory=dict)  # node -> why it stays out (for the report)
     islands: dict = field(default_factory=dict)  # score term node -> its island (fxbt/score_terms.py)
 
@@ -463,7 +464,7 @@ def _dims_fit(node, region: Region) -> str | None:
 def _prune_padded_reads(gm, region: Region) -> bool:
     """A value leaving the region whose padded positions something reads across positions: take back every
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
-    region.reads, region.key_readers, region.gathers = set(), set(), set()
+    region.reads, region.key_readers, region.gathers, region.factors = set(), set(), set(), set()
     islands = region.island_nodes
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
@@ -480,7 +481,22 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.nodes.discard(node)
             region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
             return True
-        reads = padded_reads(gm, node, frozenset(region.nodes | islands), axes=axes, gathers=True)
+        blank = _blanked_inside(gm, node, region)
+        if blank is not None and _take_out_factors(region, [(*blank, None)]):
+            return True
+        if blank is not None and blank[1] == "zero":  # zero at padded positions, in the original too
+            region.factors.add((blank[0], tuple(axes), "zero"))
+            continue
+        if blank is not None:  # the original fills padded positions with its value: the fill runs after the region
+            region.nodes.discard(node)
+            region.why_not[node] = "it fills the padded positions of what it leaves the region with"
+            return True
+        reads = padded_reads(gm, node, frozenset(region.nodes | islands), axes=axes, gathers=True, factors=True)
+        late = next((f for f, _, _ in reads.factors if not _apart(gm, f, node)), None)
+        if late is not None and not reads.mixes:
+            reads.mixes = f"{late.name}, which blanks its padded positions, is computed from the stack's values"
+        if not reads.mixes and _take_out_factors(region, reads.factors):
+            return True
         picking = set().union(*(_ancestors_in(index, region) for pair in reads.gathers for index in pair))
         if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
             for taken in picking:
@@ -495,7 +511,48 @@ def _prune_padded_reads(gm, region: Region) -> bool:
         region.reads |= set(reads.positions)
         region.key_readers |= {reader for reader, _ in reads.attention}  # each checks its own mask per call
         region.gathers |= set(reads.gathers)  # computed per call, like fixed positions
+        region.factors |= set(reads.factors)  # the region checks per call that they blank its padded positions
     return False
+
+
+def _blanked_inside(gm, node, region: Region):
+    """(factor, kind) where ``node``, in the region, multiplies a region value by a factor computed apart from it
+    (or fills it under such a condition): see `blanking`."""
+    values = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a in region.nodes]
+    for value in values:
+        axes = region.axes(value)
+        blank = blanking(gm, node, value, tuple(axes)) if axes is not None and axes.heads == 1 else None
+        if blank is not None and _apart(gm, blank[0], value):
+            return blank
+    return None
+
+
+def _apart(gm, factor: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """``factor`` is computed before any attention, from the graph's inputs and weights, not from ``value``, by ops
+    that can move before the region (the region checks it per call, so it takes it as an input)."""
+    return not any(n is value or is_attention(gm, n) or _name(n).endswith("_") for n in cone(factor))
+
+
+def _take_out_factors(region: Region, factors) -> bool:
+    """Factors computed inside the region (before its first attention) are computed before it instead."""
+    inside = {n for factor, _, _ in factors for n in cone(factor) if n in region.nodes}
+    for n in inside:
+        region.nodes.discard(n)
+        region.why_not[n] = "it computes a factor that blanks padded positions after the region"
+    return bool(inside)
+
+
+def cone(node: torch.fx.Node) -> list:
+    """``node`` and the nodes it is computed from, placeholders and weights excluded, in graph order."""
+    found, frontier = {}, [node]
+    while frontier:
+        n = frontier.pop()
+        if n in found or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        found[n] = None
+        frontier.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
 
 
 def _ancestors_in(node, region: Region) -> set:

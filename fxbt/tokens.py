@@ -17,6 +17,10 @@ batch and sequence axes apart) to the graph's outputs and says what reads its pa
 - attention regions that take it as keys or values (cross-attention over an encoder's output): exact
   whenever the attention's own mask masks every padded key, which that region checks per call (as
   queries, attention is position-wise: each query's output follows from its own query);
+- a product with a factor, or a ``masked_fill`` with a condition, of the value's own [batch, sequence] sizes
+  computed apart from it (``hidden * mask[..., None]`` before a mean over tokens, ``masked_fill(mask == 0,
+  -inf)`` before a max): where the factor is zero, or the condition true, at every padded position, the result
+  is the same whatever the value holds there; the caller checks that per call (``factors=True``);
 - otherwise, the first op that mixes positions: the caller must not leave zeros there. The outputs of a
   graph whose outputs more of the model's code reads (torch.compile broke the model's forward after it) count
   as such an op: that code is not in the graph, so nothing proves it reads real positions only.
@@ -56,14 +60,16 @@ class PaddedReads:
     positions: tuple = ()  # sequence positions read by a fixed index
     attention: list = field(default_factory=list)  # (region call node, "k" or "v") reading it as keys/values
     gathers: list = field(default_factory=list)  # (batch index node, sequence index node) picking positions
+    factors: list = field(default_factory=list)  # (factor node, value's token axes, "zero" or "fill") to check
     mixes: str | None = None  # the first op that mixes positions, in words
 
 
 def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozenset(), axes=(0, 1),
-                 gathers=False) -> PaddedReads:
+                 gathers=False, factors=False) -> PaddedReads:
     """What reads the padded positions of ``value`` (its batch and sequence axes at ``axes``: (1, 0) for
     [sequence, batch, ...]) on the way to the outputs. ``through``: users known to read only real positions (the
-    rest of a padding-free region); ``gathers``: positions picked by index tensors are reported, not mixes."""
+    rest of a padding-free region); ``gathers``: positions picked by index tensors are reported, not mixes;
+    ``factors``: products with a factor (fills under a condition) that blanks padded positions are reported."""
     shape = sym(value)
     if not isinstance(shape, tuple) or len(shape) < 2 or max(axes) >= len(shape):
         return PaddedReads(mixes=f"{value.name} has no [batch, sequence] symbolic shape")
@@ -93,6 +99,10 @@ def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozens
             picked = _gather(user, node) if axes == (0, 1) and gathers else None
             if picked is not None:
                 found.gathers.append(picked)
+                continue
+            blank = blanking(gm, user, node, axes) if factors else None
+            if blank is not None:
+                found.factors.append((blank[0], axes, blank[1]))
                 continue
             moved = _follow(gm, user, node, axes, token_axes)
             if isinstance(moved, str):
@@ -164,6 +174,23 @@ def _follow(gm, user: torch.fx.Node, node: torch.fx.Node, axes, token_axes):
             _not_last(sym(node), axes):
         return found
     return f"{user.name} ({name}) mixes positions"
+
+
+def blanking(gm, user: torch.fx.Node, node: torch.fx.Node, axes):
+    """(factor, "zero") for ``node * factor``, (condition, "fill") for ``node.masked_fill(condition, v)``: a tensor of
+    ``node``'s rank and token sizes (at ``axes``), not ``node`` itself; else None."""
+    op = canonical_op(user, gm).op
+    if op == "mul" and len(user.args) == 2 and not user.kwargs:
+        other = [a for a in user.args if a is not node]
+        kind, factor = "zero", (other[0] if len(other) == 1 else None)
+    elif op == "masked_fill" and user.args and user.args[0] is node and len(user.args) >= 2:
+        kind, factor = "fill", user.args[1]
+    else:
+        return None
+    mine, theirs = sym(node), sym(factor) if isinstance(factor, torch.fx.Node) else None
+    if not isinstance(theirs, tuple) or len(theirs) != len(mine) or sym(user) != mine:
+        return None
+    return (factor, kind) if all(same(theirs[a], mine[a]) for a in set(axes)) else None
 
 
 def _axes_of(shape, token_axes):

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from fxbt import varlen
 from fxbt.canon import origin
 from fxbt.packing import Tokens
-from fxbt.padding import is_attention, merged_heads, packed_graph, runs_padded, token_region
+from fxbt.padding import cone, is_attention, merged_heads, packed_graph, runs_padded, token_region
 from fxbt.pattern import Accept, Decline, Rule
-from fxbt.region import UseOriginal, absorb_size_computations, slot_value
+from fxbt.region import Slot, UseOriginal, absorb_size_computations, slot_value
 from fxbt.verify import run_without_dropout, verifying
 
 from .attention import (MASKED, _dropout_p, _fully_masked_rows, build_mask, call_sdpa, check_padded_keys,
@@ -57,15 +57,28 @@ class Unpacked(tuple):
         return tuple(self)
 
 
-def padding_free(inputs, *, graph, output_axes, key_readers=(), key_padding=None):  # the last two: after_padding_free
+def padding_free(inputs, *, graph, output_axes, key_readers=(), key_padding=None, factors=(), blanking=()):
+    # key_readers, key_padding: for after_padding_free; factors, blanking: given by it (``_take_factors``)
     try:
         *values, tokens = run_without_dropout(graph, inputs) if verifying() else graph(*inputs)
     except UseOriginal as e:  # raised inside the graph: its first line is the reason (fx appends the node)
         raise UseOriginal(str(e).splitlines()[0]) from None
+    for factor, (axes, kind) in zip(factors, blanking):
+        _blanks_padding(factor, tokens, axes, kind)
     out = Unpacked(values)
     out.fxbt_real = [None if axes is None else _real_at(tokens, axes, v.dim())
                 for axes, v in zip(output_axes, values)]
     return out
+
+
+def _blanks_padding(factor: torch.Tensor, tokens: Tokens, axes, kind: str) -> None:
+    """A factor an output is multiplied by after the region (``"zero"``: where it is zero the product is zero), or
+    a condition it is filled under (``"fill"``), must blank every padded position: then what the region leaves
+    there is never read. Otherwise the original computes this call."""
+    padded = ~_real_at(tokens, axes, factor.dim())
+    blank = factor == 0 if kind == "zero" else factor.bool()
+    if bool((padded & ~blank).any()):
+        raise UseOriginal("a factor after the stack (a pooling mask) does not blank every padded position")
 
 
 def _real_at(tokens: Tokens, axes, rank: int) -> torch.Tensor:
@@ -352,8 +365,10 @@ def check_padding_free(match) -> Accept | Decline:
     if isinstance(key_padding, str):
         return Decline(key_padding)
     terms = f", {len(region.islands)} score terms from its values" if region.islands else ""
+    blanking = tuple(sorted((f.name, tuple(axes), kind) for f, axes, kind in region.factors))
     return Accept(inputs={"inputs": tuple(packed.inputs)},
-                  params={"graph": packed.graph, "output_axes": packed.output_axes, **key_padding},
+                  params={"graph": packed.graph, "output_axes": packed.output_axes, **key_padding,
+                          **({"blanking": blanking} if blanking else {})},
                   absorb=tuple(region.nodes | region.island_nodes | packed.feeders), outputs=tuple(packed.outputs),
                   note=f"{len(region.nodes)} nodes, {blocks} attention{'s' if blocks != 1 else ''} on real tokens"
                        f"{terms}", impl="packed")
@@ -409,8 +424,35 @@ def after_padding_free(gm, installed, report) -> None:
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for node, region in installed:
         region.add_module("packed", region.params["graph"])
+        _take_factors(gm, node, region)
         # a reader a later region took in (a decoder's cross-attention) got its check then: `_check_readers_in`
         _check_key_readers(gm, node, region, [calls[t] for t in region.params.get("key_readers", ()) if t in calls])
+
+
+def _take_factors(gm, node, region) -> None:
+    """The factors that blank the region's padded positions after it (a pooling mask) become inputs of its call,
+    for it to check per call (`_blanks_padding`): their computations, from the graph's inputs alone, move before it."""
+    named = [(n, axes, kind) for name, axes, kind in region.params.get("blanking", ())
+             for n in gm.graph.nodes if n.name == name]
+    if not named or "factors" in region.slots:
+        return
+    for factor, _, _ in named:
+        for moved in cone(factor):
+            if moved not in (node, *node.all_input_nodes) and _after(moved, node):
+                node.prepend(moved)
+    start = len(node.args)
+    node.args = tuple(node.args) + tuple(factor for factor, _, _ in named)
+    region.slots["factors"] = Slot(index=tuple(range(start, len(node.args))), many=True)
+    region.params["blanking"] = tuple((axes, kind) for _, axes, kind in named)
+
+
+def _after(node: torch.fx.Node, than: torch.fx.Node) -> bool:
+    n = than.next
+    while n.op != "root":
+        if n is node:
+            return True
+        n = n.next
+    return False
 
 
 def _check_key_readers(gm, node, region, readers) -> None:

@@ -439,6 +439,26 @@ class ConvPooledStack(nn.Module):
         return self.pool(self.stack(x, mask).transpose(1, 2)).transpose(1, 2)
 
 
+class MaskPooledStack(nn.Module):
+    """An encoder stack pooled over its real tokens as sentence-transformers pools: ``"mean"``, the states times the
+    mask summed over positions; ``"max"``, padded positions filled with -inf before the max; ``"unmasked"`` (the
+    near-miss twin), a mean over every position. The pooling mask may be given apart from the attention's."""
+
+    def __init__(self, mode="mean"):
+        super().__init__()
+        self.mode = mode
+        self.stack = Stack(lambda: SizeScaledBlock("head_dim"), layers=2)
+
+    def forward(self, x, mask, pool_mask):
+        h = self.stack(x, mask)
+        keep = pool_mask[..., None].to(h.dtype)
+        if self.mode == "mean":
+            return (h * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
+        if self.mode == "max":
+            return h.masked_fill(keep == 0, float("-inf")).max(dim=1).values
+        return h.mean(1)
+
+
 class PoolerStack(nn.Module):
     """An encoder stack and a pooler reading position 0 (BERT's): padded only with left padding."""
 

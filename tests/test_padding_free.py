@@ -159,6 +159,32 @@ def test_a_convolution_over_the_sequence_keeps_the_stack_padded():
         assert max_error(model(x, mask), opt(x, mask)) < TOL  # every position, padded ones too
 
 
+@pytest.mark.parametrize("mode", ["mean", "max", "unmasked"])
+def test_a_stack_pooled_over_its_real_tokens_runs_on_them(mode):
+    """Multiplied by the mask (or filled under it) before pooling, padded positions are never read: the stack runs
+    padding-free, and checks per call that the pooling mask blanks every padded position. The unmasked mean, the
+    near-miss twin, reads them: its stack stays padded."""
+    model = handwritten.MaskPooledStack(mode).eval()
+    x, mask = handwritten.inputs(3, 9)
+    opt = fxbt.optimize(model, (x, mask, mask.clone()), inplace=False, patterns=PASS)
+    report = fxbt.report(opt)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    with torch.no_grad():
+        assert max_error(model(x, mask, mask), opt(x, mask, mask)) < TOL  # pooled: every position counts
+    if mode == "unmasked":
+        assert not report.rewritten("padding_free")
+        assert any("mixes positions" in r.reason for r in report.rejected("padding_free")), str(report)
+        return
+    assert len(report.rewritten("padding_free")) == 1, str(report)
+    assert [r.last_path for r in _padding_free(opt)] == ["replacement"]
+    pool_all = torch.ones_like(mask)  # pooling over padded positions too: the original's values are needed there
+    with torch.no_grad():
+        assert max_error(model(x, mask, pool_all), opt(x, mask, pool_all)) < TOL
+    assert "does not blank every padded position" in _padding_free(opt)[0].last_path
+    with torch.no_grad():
+        assert torch.equal(fxbt.unroll(opt)(x, mask, mask), model(x, mask, mask))
+
+
 @pytest.mark.parametrize("model", [handwritten.PoolerStack(), handwritten.BiasedStack("per_head"),
                                    handwritten.BiasedStack("local")], ids=["pooler", "per_head_bias", "local"])
 def test_hand_written_stacks_with_pooler_and_biases(model):
