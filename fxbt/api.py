@@ -22,8 +22,8 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, inplace: bool = Tru
 
     The model stays itself (same class, attributes, ``state_dict``, ``.generate()``...); only its calls
     change. ``inplace=False`` leaves ``model`` untouched and returns a shallow copy that shares its weights
-    and submodules. A model that holds transformers models (a SentenceTransformer) has each of them
-    optimized. ``example_inputs`` (a tuple, a dict or a tokenizer's BatchEncoding) is captured now; without
+    and submodules. A module that holds transformers models (a SentenceTransformer) is optimized whole, its own
+    code (a pooling) included: what reads a stack's padded positions is then in the graph. ``example_inputs`` (a tuple, a dict or a tokenizer's BatchEncoding) is captured now; without
     it fxbt builds one from the model's config, or captures the first call. Every call the existing graphs
     do not cover (other inputs, sizes outside their guards, another mode) gets a graph of its own, up to
     ``max_specializations`` per model. ``encoder_impl``: "auto" (the padding-free pass runs every stack on its real tokens) or "fused"
@@ -43,21 +43,18 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, inplace: bool = Tru
     from . import registry
 
     registry.select(patterns)  # an unknown pattern name fails now, not on the first call
-    paths = _transformer_paths(model)
     if not inplace:
         model = _copy_sharing_weights(model)
-    for path in paths:
-        target = model.get_submodule(path) if path else model
-        _optimize_one(target, example_inputs if not path else None, options, explicit=not path)
+    _optimize_one(model, example_inputs, options)
     return model
 
 
-def _optimize_one(target: torch.nn.Module, example_inputs, options: Options, explicit: bool) -> None:
-    if installed(target):
-        uninstall(target)
+def _optimize_one(target: torch.nn.Module, example_inputs, options: Options) -> None:
+    for module in target.modules():  # optimized before, or a part optimized on its own: the whole is captured now
+        uninstall(module)
     dispatcher = Optimized(target, options)
     install(target, dispatcher)
-    if example_inputs is not None and explicit:
+    if example_inputs is not None:
         args, kwargs = split_example(target, example_inputs)
         try:
             dispatcher.add(args, kwargs, "the example given to fxbt.optimize")
@@ -74,21 +71,6 @@ def _optimize_one(target: torch.nn.Module, example_inputs, options: Options, exp
     except CaptureError as e:
         dispatcher.history.append(f"the example built from the config could not be captured ({e.short()}); "
                                   "the first call is captured")
-
-
-def _transformer_paths(model: torch.nn.Module) -> list[str]:
-    """The model itself, or the transformers models it holds (a SentenceTransformer's, say): their paths."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return [""]
-    if isinstance(model, PreTrainedModel):
-        return [""]
-    found: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel) and not any(name.startswith(p + ".") for p in found):
-            found.append(name)
-    return found or [""]
 
 
 def _copy_sharing_weights(model: torch.nn.Module) -> torch.nn.Module:

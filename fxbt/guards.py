@@ -104,6 +104,21 @@ def is_opaque(key: tuple) -> bool:
     return OPAQUE in repr(key[0])
 
 
+def opaque_types(key: tuple) -> list[str]:
+    """The types of a call's inputs no captured graph takes (a KV cache, a tokenizer's BatchEncoding)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, tuple) and len(x) == 2 and x[0] == OPAQUE:
+            found.append(x[1])
+        elif isinstance(x, tuple):
+            for y in x:
+                walk(y)
+
+    walk(key[0])
+    return sorted(set(found))
+
+
 def describe_key_difference(key: tuple, others: list[tuple]) -> str:
     """Why a call's key is none of ``others``, in words, against the closest of them, for the report."""
     def differences(other):

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from . import own_gradients, recompute
 from .errors import CaptureError, FxbtError, InputError
-from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque
+from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque, opaque_types
 from .region import RecomputeCall
 from .shapes import ShapeGuard
 
@@ -115,8 +115,11 @@ class Optimized:
     def forward(self, *args, **kwargs):
         bound = self.signature.bind(args, kwargs)
         key = call_key(bound, self.modules)
-        if is_opaque(key) or bound.get("use_cache") is True:
+        if bound.get("use_cache") is True:
             return self._compiled_call(args, kwargs, "a call with a KV cache")
+        if is_opaque(key):
+            return self._compiled_call(args, kwargs, "a call with inputs no captured graph takes "
+                                                     f"({', '.join(opaque_types(key))})")
         if key in self.uncaptured:
             return self._compiled_call(args, kwargs, self.uncaptured[key])
         if key in self.refused:

@@ -466,6 +466,14 @@ def _prune_padded_reads(gm, region: Region) -> bool:
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
     region.reads, region.key_readers, region.gathers, region.factors = set(), set(), set(), set()
     islands = region.island_nodes
+    for node in _in_order(gm, region.nodes):  # first: blanking that must run after the region
+        blank = _blanked_inside(gm, node, region) if any(u not in region.nodes for u in node.users) else None
+        if blank is not None and (blank[1] == "fill" or not blank[2]):
+            # the original fills padded positions with its value, or the factor as written reads the stack (its
+            # sizes: ``mask.expand_as(hidden)``): the product or fill runs after the region
+            region.nodes.discard(node)
+            region.why_not[node] = "it blanks the padded positions of what leaves the region: it runs after it"
+            return True
     for node in _in_order(gm, region.nodes):
         if node not in region.nodes or not _is_tensor(node):
             continue
@@ -482,15 +490,11 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
             return True
         blank = _blanked_inside(gm, node, region)
-        if blank is not None and _take_out_factors(region, [(*blank, None)]):
+        if blank is not None and _take_out_factors(region, [(blank[0], None, None)]):
             return True
-        if blank is not None and blank[1] == "zero":  # zero at padded positions, in the original too
+        if blank is not None:  # zero at padded positions, in the original too
             region.factors.add((blank[0], tuple(axes), "zero"))
             continue
-        if blank is not None:  # the original fills padded positions with its value: the fill runs after the region
-            region.nodes.discard(node)
-            region.why_not[node] = "it fills the padded positions of what it leaves the region with"
-            return True
         reads = padded_reads(gm, node, frozenset(region.nodes | islands), axes=axes, gathers=True, factors=True)
         late = next((f for f, _, _ in reads.factors if not _apart(gm, f, node)), None)
         if late is not None and not reads.mixes:
@@ -516,14 +520,16 @@ def _prune_padded_reads(gm, region: Region) -> bool:
 
 
 def _blanked_inside(gm, node, region: Region):
-    """(factor, kind) where ``node``, in the region, multiplies a region value by a factor computed apart from it
-    (or fills it under such a condition): see `blanking`."""
+    """(factor, kind, written apart) where ``node``, in the region, multiplies a region value by a factor computed
+    apart from it (or fills it under such a condition): see `blanking`. ``written apart``: the operand as written,
+    before its broadcasts and casts, is computed apart from the stack too."""
     values = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a in region.nodes]
     for value in values:
         axes = region.axes(value)
         blank = blanking(gm, node, value, tuple(axes)) if axes is not None and axes.heads == 1 else None
         if blank is not None and _apart(gm, blank[0], value):
-            return blank
+            operand = node.args[1] if node.args[0] is value else node.args[0]
+            return (*blank, _apart(gm, operand, value))
     return None
 
 

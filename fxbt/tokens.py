@@ -82,7 +82,8 @@ def padded_reads(gm: torch.fx.GraphModule, value: torch.fx.Node, through=frozens
             if user.op == "output" and gm.meta.get(OUTPUTS_READ_BY_CODE):
                 found.mixes = "the graph's output, which the model's code reads after the graph"
                 return found
-            if user in seen or user.op == "output" or user in through or is_size_query(user):
+            if user in seen or user.op == "output" or user in through or is_size_query(user) or \
+                    _reads_shape_only(user, node, through):
                 continue
             seen.add(user)
             reader = _attention_reader(gm, user, node, axes)
@@ -187,10 +188,51 @@ def blanking(gm, user: torch.fx.Node, node: torch.fx.Node, axes):
         kind, factor = "fill", user.args[1]
     else:
         return None
-    mine, theirs = sym(node), sym(factor) if isinstance(factor, torch.fx.Node) else None
-    if not isinstance(theirs, tuple) or len(theirs) != len(mine) or sym(user) != mine:
+    mine = sym(node)
+    if not _token_sized(factor, mine, axes) or sym(user) != mine:
         return None
-    return (factor, kind) if all(same(theirs[a], mine[a]) for a in set(axes)) else None
+    while True:  # what is checked is the factor before it is broadcast (and, for a product, cast)
+        inner = _unbroadcast(factor, kind)
+        if inner is None or not _token_sized(inner, mine, axes):
+            return factor, kind
+        factor = inner
+
+
+def _reads_shape_only(user: torch.fx.Node, node: torch.fx.Node, through) -> bool:
+    """``x.expand_as(node)``, ``x.type_as(node)``: sizes or the dtype of ``node``, none of its values; and what it
+    computes does not flow back into ``through`` (a region that would then read a value made from its own)."""
+    if not (_name(user) in ("expand_as", "type_as", "view_as", "reshape_as") and len(user.args) == 2 and
+            user.args[1] is node and user.args[0] is not node):
+        return False
+    seen, frontier = set(), [user]
+    while frontier:
+        n = frontier.pop()
+        if n in through:
+            return False
+        if n not in seen:
+            seen.add(n)
+            frontier.extend(n.users)
+    return True
+
+
+def _token_sized(x, shape, axes) -> bool:
+    """``x`` is a node of ``shape``'s rank and of its sizes at the token ``axes``."""
+    theirs = sym(x) if isinstance(x, torch.fx.Node) else None
+    return isinstance(theirs, tuple) and len(theirs) == len(shape) and all(same(theirs[a], shape[a]) for a in set(axes))
+
+
+_BROADCASTS = frozenset({"expand", "expand_as", "broadcast_to"})
+_CASTS = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "double"})  # zero stays zero, not truth
+
+
+def _unbroadcast(x: torch.fx.Node, kind: str):
+    """The input of a broadcast (``expand_as`` reads only the sizes of its other operand), or of a cast where only
+    zeros matter; else None."""
+    name = _name(x)
+    if x.op in ("call_method", "call_function") and (name in _BROADCASTS or kind == "zero" and name in _CASTS) \
+            and x.args and isinstance(x.args[0], torch.fx.Node):
+        return x.args[0]
+    return None
 
 
 def _axes_of(shape, token_axes):

@@ -436,23 +436,19 @@ def _take_factors(gm, node, region) -> None:
              for n in gm.graph.nodes if n.name == name]
     if not named or "factors" in region.slots:
         return
+    later, n = set(), node.next
+    while n.op != "root":
+        later.add(n)
+        n = n.next
     for factor, _, _ in named:
         for moved in cone(factor):
-            if moved not in (node, *node.all_input_nodes) and _after(moved, node):
+            if moved in later:
                 node.prepend(moved)
+                later.discard(moved)
     start = len(node.args)
     node.args = tuple(node.args) + tuple(factor for factor, _, _ in named)
     region.slots["factors"] = Slot(index=tuple(range(start, len(node.args))), many=True)
     region.params["blanking"] = tuple((axes, kind) for _, axes, kind in named)
-
-
-def _after(node: torch.fx.Node, than: torch.fx.Node) -> bool:
-    n = than.next
-    while n.op != "root":
-        if n is node:
-            return True
-        n = n.next
-    return False
 
 
 def _check_key_readers(gm, node, region, readers) -> None:

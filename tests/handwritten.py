@@ -441,7 +441,7 @@ class ConvPooledStack(nn.Module):
 
 class MaskPooledStack(nn.Module):
     """An encoder stack pooled over its real tokens as sentence-transformers pools: ``"mean"``, the states times the
-    mask summed over positions; ``"max"``, padded positions filled with -inf before the max; ``"unmasked"`` (the
+    mask summed over positions (``"mean_expanded"``: the mask expanded as the states, then cast); ``"max"``, padded positions filled with -inf before the max; ``"unmasked"`` (the
     near-miss twin), a mean over every position. The pooling mask may be given apart from the attention's."""
 
     def __init__(self, mode="mean"):
@@ -452,7 +452,9 @@ class MaskPooledStack(nn.Module):
     def forward(self, x, mask, pool_mask):
         h = self.stack(x, mask)
         keep = pool_mask[..., None].to(h.dtype)
-        if self.mode == "mean":
+        if self.mode == "mean_expanded":
+            keep = pool_mask.unsqueeze(-1).expand_as(h).float()
+        if self.mode.startswith("mean"):
             return (h * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
         if self.mode == "max":
             return h.masked_fill(keep == 0, float("-inf")).max(dim=1).values

@@ -2,7 +2,7 @@
 
 Pipelines, sentence-transformers and generate() run on the model fxbt.optimize returned (the model
 itself), with outputs equal to the unoptimized model's; the model keeps its class, config, device, dtype,
-state_dict keys and save_pretrained format; optimize finds the transformers inside a container.
+state_dict keys and save_pretrained format; a module holding a transformers model is optimized whole.
 """
 from __future__ import annotations
 
@@ -165,3 +165,43 @@ def test_sentence_transformers_encode_equal_save_and_load(tmp_path):
     optimized.save(str(tmp_path))
     again = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu")
     assert (again.encode(SENTENCES, convert_to_tensor=True) - want).abs().max() < TOL
+
+
+# --- a module holding a transformers model ------------------------------------------------------------------
+
+
+class MeanHead(torch.nn.Module):
+    """A user's wrapper: a transformers encoder, a mean over its tokens and a linear head. ``masked``: over the real
+    tokens (sentence-transformers' mean); otherwise over every position, padded ones included, as written."""
+
+    def __init__(self, masked):
+        super().__init__()
+        self.masked = masked
+        self.encoder = zoo.SPECS["bert"].build()
+        self.head = torch.nn.Linear(zoo.H, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not self.masked:
+            return self.head(h.mean(1))
+        keep = attention_mask[..., None].to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1).clamp(min=1e-9))
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked_mean", "mean_over_padding"])
+def test_a_wrapper_is_optimized_whole_so_what_reads_padded_positions_is_seen(masked):
+    """The wrapper's own code reads the encoder's outputs: optimized whole, a mean that reads padded positions
+    keeps the stack padded (outputs equal the original's), a masked mean lets it run on real tokens."""
+    spec = zoo.SPECS["bert"]
+    torch.manual_seed(0)
+    model = MeanHead(masked).eval()
+    opt = fxbt.optimize(model, zoo.make_inputs(spec, 3, 9, True, seed=1), inplace=False)
+    probe = zoo.make_inputs(spec, 4, 12, True, seed=2)
+    with torch.no_grad():
+        assert (model(**probe) - opt(**probe)).abs().max().item() < TOL
+    report = fxbt.report(opt)
+    stacks = report.rewritten("padding_free")
+    if masked:
+        assert len(stacks) == 1 and stacks[0].calls.get("fast") == 1, str(report)
+    else:
+        assert not stacks and any("mixes positions" in r.reason for r in report.rejected("padding_free")), str(report)

@@ -159,7 +159,7 @@ def test_a_convolution_over_the_sequence_keeps_the_stack_padded():
         assert max_error(model(x, mask), opt(x, mask)) < TOL  # every position, padded ones too
 
 
-@pytest.mark.parametrize("mode", ["mean", "max", "unmasked"])
+@pytest.mark.parametrize("mode", ["mean", "mean_expanded", "max", "unmasked"])
 def test_a_stack_pooled_over_its_real_tokens_runs_on_them(mode):
     """Multiplied by the mask (or filled under it) before pooling, padded positions are never read: the stack runs
     padding-free, and checks per call that the pooling mask blanks every padded position. The unmasked mean, the
