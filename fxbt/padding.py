@@ -490,7 +490,7 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
             return True
         blank = _blanked_inside(gm, node, region)
-        if blank is not None and _take_out_factors(region, [(blank[0], None, None)]):
+        if blank is not None and _take_out_factors(region, [blank[0]]):
             return True
         if blank is not None:  # zero at padded positions, in the original too
             region.factors.add((blank[0], tuple(axes), "zero"))
@@ -499,7 +499,7 @@ def _prune_padded_reads(gm, region: Region) -> bool:
         late = next((f for f, _, _ in reads.factors if not _apart(gm, f, node)), None)
         if late is not None and not reads.mixes:
             reads.mixes = f"{late.name}, which blanks its padded positions, is computed from the stack's values"
-        if not reads.mixes and _take_out_factors(region, reads.factors):
+        if not reads.mixes and _take_out_factors(region, [f for f, _, _ in reads.factors]):
             return True
         picking = set().union(*(_ancestors_in(index, region) for pair in reads.gathers for index in pair))
         if picking:  # indices computed inside: computed outside instead (token ids), or the region shrinks
@@ -541,7 +541,7 @@ def _apart(gm, factor: torch.fx.Node, value: torch.fx.Node) -> bool:
 
 def _take_out_factors(region: Region, factors) -> bool:
     """Factors computed inside the region (before its first attention) are computed before it instead."""
-    inside = {n for factor, _, _ in factors for n in cone(factor) if n in region.nodes}
+    inside = {n for factor in factors for n in cone(factor) if n in region.nodes}
     for n in inside:
         region.nodes.discard(n)
         region.why_not[n] = "it computes a factor that blanks padded positions after the region"
@@ -550,15 +550,8 @@ def _take_out_factors(region: Region, factors) -> bool:
 
 def cone(node: torch.fx.Node) -> list:
     """``node`` and the nodes it is computed from, placeholders and weights excluded, in graph order."""
-    found, frontier = {}, [node]
-    while frontier:
-        n = frontier.pop()
-        if n in found or n.op in ("placeholder", "get_attr", "output"):
-            continue
-        found[n] = None
-        frontier.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return sorted(found, key=order.__getitem__)
+    found = {n for n in ancestors([node]) if n.op not in ("placeholder", "get_attr")}
+    return [n for n in node.graph.nodes if n in found]
 
 
 def _ancestors_in(node, region: Region) -> set:
