@@ -23,10 +23,11 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, inplace: bool = Tru
     The model stays itself (same class, attributes, ``state_dict``, ``.generate()``...); only its calls
     change. ``inplace=False`` leaves ``model`` untouched and returns a shallow copy that shares its weights
     and submodules. A module that holds transformers models (a SentenceTransformer) is optimized whole, its own
-    code (a pooling) included: what reads a stack's padded positions is then in the graph. ``example_inputs`` (a tuple, a dict or a tokenizer's BatchEncoding) is captured now; without
-    it fxbt builds one from the model's config, or captures the first call. Every call the existing graphs
-    do not cover (other inputs, sizes outside their guards, another mode) gets a graph of its own, up to
-    ``max_specializations`` per model. ``encoder_impl``: "auto" (the padding-free pass runs every stack on its real tokens) or "fused"
+    code (a pooling) included: what reads a stack's padded positions is then in the graph. ``example_inputs``
+    (a tuple, a dict or a tokenizer's BatchEncoding) is captured now; without it fxbt builds one from the
+    model's config, or captures the first call. Every call the existing graphs do not cover (other inputs,
+    sizes outside their guards, another mode) gets a graph of its own, up to ``max_specializations`` per
+    model. ``encoder_impl``: "auto" (the padding-free pass runs every stack on its real tokens) or "fused"
     (encoder blocks that fit PyTorch's fused encoder kernel run it, the rest of the stack padding-free).
     ``verify`` runs every region against its original subgraph on the example and reverts any that differs.
     """

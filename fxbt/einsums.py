@@ -24,7 +24,7 @@ def write_out(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     added: list[torch.fx.Node] = []
     for node in list(gm.graph.nodes):
         operands = _operands(node)
-        plan = _plan(_without_ellipsis(node.args[0], operands), operands) if operands else None
+        plan = _plan(_without_ellipsis(node.args[0], operands), any_layout="..." in node.args[0]) if operands else None
         if plan is None:
             continue
         a_perm, b_perm, transpose, out_perm = plan
@@ -69,10 +69,9 @@ def _rank(node: torch.fx.Node) -> int | None:
     return None
 
 
-def _without_ellipsis(equation: str, operands) -> str | tuple | None:
-    """The equation with each ``...`` spelled out in letters of its own, one per axis it stands for, marked
-    (a tuple) so that it is written out in any layout; None where the ellipses stand for unequal numbers of
-    axes (broadcast) or a rank is unknown."""
+def _without_ellipsis(equation: str, operands) -> str | None:
+    """The equation (spaces dropped) with each ``...`` spelled out in letters of its own, one per axis it stands
+    for; None where the ellipses stand for unequal numbers of axes (broadcast) or a rank is unknown."""
     eq = equation.replace(" ", "")
     if "..." not in eq:
         return eq
@@ -86,17 +85,15 @@ def _without_ellipsis(equation: str, operands) -> str | tuple | None:
     spare = [c for c in string.ascii_letters if c not in eq]
     if len(lengths) != 1 or min(lengths) < 0 or len(spare) < min(lengths):
         return None
-    return (eq.replace("...", "".join(spare[: lengths.pop()])),)
+    return eq.replace("...", "".join(spare[: lengths.pop()]))
 
 
-def _plan(equation, operands) -> tuple | None:
+def _plan(eq: str | None, any_layout: bool) -> tuple | None:
     """(left permutation, right permutation, transpose the right?, output permutation), or None where the
-    einsum is not one batched matrix product, or is one in matmul's own layout already (an equation given as
-    a tuple, its ellipsis spelled out, is written out in any layout)."""
-    if equation is None:
+    einsum is not one batched matrix product, or is one in matmul's own layout already (unless ``any_layout``:
+    an equation whose ellipsis was spelled out, which the canonical view cannot read)."""
+    if eq is None:
         return None
-    spelled_out = isinstance(equation, tuple)
-    eq = equation[0] if spelled_out else equation.replace(" ", "")
     if "->" not in eq or "." in eq or eq.count(",") != 1:
         return None
     lhs, out = eq.split("->")
@@ -114,7 +111,7 @@ def _plan(equation, operands) -> tuple | None:
     b_perm = [b.index(x) for x in batch + ([j, c] if transpose else [c, j])]
     product = batch + [i, j]
     out_perm = [product.index(x) for x in out]
-    if all(_identity(p) for p in (a_perm, b_perm, out_perm)) and not spelled_out:
+    if all(_identity(p) for p in (a_perm, b_perm, out_perm)) and not any_layout:
         return None  # matmul's layout, the right maybe transposed: the canonical view reads it as it is
     return a_perm, b_perm, transpose, out_perm
 

@@ -466,20 +466,17 @@ def _prune_padded_reads(gm, region: Region) -> bool:
     node its padded positions depend on (an attention's through its queries only: its keys are masked)."""
     region.reads, region.key_readers, region.gathers, region.factors = set(), set(), set(), set()
     islands = region.island_nodes
-    for node in _in_order(gm, region.nodes):  # first: blanking that must run after the region
-        blank = _blanked_inside(gm, node, region) if any(u not in region.nodes for u in node.users) else None
-        if blank is not None and (blank[1] == "fill" or not blank[2]):
+    leaving = [n for n in _in_order(gm, region.nodes) if _is_tensor(n) and any(
+        u not in region.nodes and u not in islands and not is_size_query(u) for u in n.users)]
+    blanks = {n: b for n in leaving if (b := _blanked_inside(gm, n, region)) is not None}
+    for node, (_, kind, written_apart) in blanks.items():  # first: blanking that must run after the region
+        if kind == "fill" or not written_apart:
             # the original fills padded positions with its value, or the factor as written reads the stack (its
             # sizes: ``mask.expand_as(hidden)``): the product or fill runs after the region
             region.nodes.discard(node)
             region.why_not[node] = "it blanks the padded positions of what leaves the region: it runs after it"
             return True
-    for node in _in_order(gm, region.nodes):
-        if node not in region.nodes or not _is_tensor(node):
-            continue
-        outside = [u for u in node.users if u not in region.nodes and u not in islands and not is_size_query(u)]
-        if not outside:
-            continue
+    for node in leaving:  # every change below returns at once: the region is as it was when these were found
         axes = region.axes(node)
         if axes is None:  # an attention's output whose sizes do not name the token axes: what reads it is unknown
             region.nodes.discard(node)
@@ -489,7 +486,7 @@ def _prune_padded_reads(gm, region: Region) -> bool:
             region.nodes.discard(node)
             region.why_not[node] = "it leaves the region with the heads merged into its batch axis"
             return True
-        blank = _blanked_inside(gm, node, region)
+        blank = blanks.get(node)
         if blank is not None and _take_out_factors(region, [blank[0]]):
             return True
         if blank is not None:  # zero at padded positions, in the original too

@@ -93,7 +93,6 @@ class Packed:
     keep: torch.Tensor
     index: torch.Tensor  # [T] flat positions of the real tokens in B*S
     padded_shape: tuple  # (B, S, E)
-    _lengths: list | None = None  # real tokens per sequence, computed once per stack
     seq_first: bool = False  # the padded tensor this stands for is [S, B, E] (PyTorch's default layout)
 
     # Size, rank, dtype and device queries answer for the padded tensor this stands for: graphs read
@@ -113,20 +112,15 @@ class Packed:
 
     @property
     def dtype(self):
-        return self.flat().dtype
+        return self.nested.dtype
 
     @property
     def device(self):
-        return self.keep.device
+        return self.nested.device
 
     def real(self) -> torch.Tensor:
         """Which positions of the padded tensor this stands for are real tokens (its layout's first two axes)."""
         return self.keep.t() if self.seq_first and self.keep is not None else self.keep
-
-    def lengths(self) -> list[int]:
-        if self._lengths is None:
-            self._lengths = self.keep.sum(1).tolist()
-        return self._lengths
 
     def flat(self) -> torch.Tensor:
         return torch.cat(self.nested.unbind()) if self.nested.numel() else self.nested.values()
@@ -138,8 +132,8 @@ class Packed:
 
     def unpack(self) -> torch.Tensor:
         b, s, e = self.padded_shape
-        out = self.keep.new_zeros((b * s, e), dtype=self.flat().dtype)
-        out = out.index_copy_(0, self.index, self.flat()).view(b, s, e)
+        tokens = self.flat()
+        out = tokens.new_zeros((b * s, e)).index_copy_(0, self.index, tokens).view(b, s, e)
         return out.transpose(0, 1) if self.seq_first else out
 
 
@@ -177,7 +171,7 @@ def pack(x: torch.Tensor, keep: torch.Tensor) -> Packed:
     index = keep.reshape(-1).nonzero().squeeze(1)
     tokens = x.reshape(b * s, e).index_select(0, index)
     lengths = keep.sum(1).tolist()
-    return Packed(torch.nested.nested_tensor(list(tokens.split(lengths))), keep, index, (b, s, e), lengths)
+    return Packed(torch.nested.nested_tensor(list(tokens.split(lengths))), keep, index, (b, s, e))
 
 
 # --- the replacement ----------------------------------------------------------------------------
@@ -240,7 +234,7 @@ def encoder_block(x, mask_terms=(), passed_in=(), *, wq, bq, wk, bk, wv, bv, wo,
         raise UseOriginal("a LayerNorm eps or attention scale passed in differs from the one the block was built for")
     weights = (wq, bq, wk, bk, wv, bv, wo, bo, g1, n1, w1, b1, w2, b2, g2, n2)
     grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in weights + (
-        x.flat() if isinstance(x, Packed) else x,))
+        x.nested if isinstance(x, Packed) else x,))
     e = x.shape[-1]
     if grads:
         raise UseOriginal("gradients needed: the fused kernel has no autograd (encoder_impl='auto' has)")
@@ -279,24 +273,16 @@ def _pack_input(x, keep, reads) -> Packed:
     return pack(x, keep)
 
 
-def _device(x):
-    return x.keep.device if isinstance(x, Packed) else x.device
-
-
 def _bias(b, w):
     return b if isinstance(b, torch.Tensor) else w.new_zeros(w.shape[0])
 
 
 def _ones(g, e, x):
-    return g if isinstance(g, torch.Tensor) else torch.ones(e, dtype=_dtype(x), device=_device(x))
+    return g if isinstance(g, torch.Tensor) else torch.ones(e, dtype=x.dtype, device=x.device)
 
 
 def _zeros(n, e, x):
-    return n if isinstance(n, torch.Tensor) else torch.zeros(e, dtype=_dtype(x), device=_device(x))
-
-
-def _dtype(x):
-    return x.flat().dtype if isinstance(x, Packed) else x.dtype
+    return n if isinstance(n, torch.Tensor) else torch.zeros(e, dtype=x.dtype, device=x.device)
 
 
 def _fused_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
@@ -304,7 +290,7 @@ def _fused_block(packed: Packed, spec: BlockSpec, p: dict) -> Packed:
     out = torch._transformer_encoder_layer_fwd(
         src, packed.padded_shape[-1], spec.heads, p["qkv_w"], p["qkv_b"], p["wo"], p["bo"], spec.activation == "gelu",
         spec.norm_first, spec.eps, p["g1"], p["n1"], p["g2"], p["n2"], p["w1"], p["b1"], p["w2"], p["b2"], None, None)
-    return Packed(out, packed.keep, packed.index, packed.padded_shape, packed._lengths)
+    return Packed(out, packed.keep, packed.index, packed.padded_shape)
 
 
 def link_stack(gm, installed, report) -> None:

@@ -432,8 +432,8 @@ def after_padding_free(gm, installed, report) -> None:
 def _take_factors(gm, node, region) -> None:
     """The factors that blank the region's padded positions after it (a pooling mask) become inputs of its call,
     for it to check per call (`_blanks_padding`): their computations, from the graph's inputs alone, move before it."""
-    named = [(n, axes, kind) for name, axes, kind in region.params.get("blanking", ())
-             for n in gm.graph.nodes if n.name == name]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    named = [(by_name[name], axes, kind) for name, axes, kind in region.params.get("blanking", ()) if name in by_name]
     if not named or "factors" in region.slots:
         return
     later, n = set(), node.next
