@@ -42,7 +42,15 @@ def _concrete(x):
 
 def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: dict | None = None,
             sink: list | None = None, reason: str = "a graph handed over by torch.compile") -> torch.fx.GraphModule:
+    from .capture import inputs_kept
+
     inputs = [_concrete(x) for x in example_inputs]
+    with inputs_kept(inputs):  # the runs below on the call's own tensors leave them as they were
+        _prepare_and_rewrite(gm, inputs, patterns, options, sink, reason)
+    return gm
+
+
+def _prepare_and_rewrite(gm, inputs, patterns, options, sink, reason) -> None:
     functional.out_of_place(gm)
     decompose.fake_values(gm, einsums.write_out(gm))  # einsums in a layout of their own: permutes and matmul
     propagate(gm, inputs)
@@ -60,7 +68,6 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, patterns=None, options: di
     apply_and_verify(gm, registry.select(patterns), report, options, inputs)
     gm.fxbt_report = report
     (_REPORTS if sink is None else sink).append(report)
-    return gm
 
 
 def _returns_from_the_compiled_function(gm: torch.fx.GraphModule) -> bool:

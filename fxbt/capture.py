@@ -42,7 +42,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import decompose, dynamo_frontend, einsums, functional, own_gradients, shapes, size_reads
+from . import decompose, dynamo_frontend, einsums, functional, own_gradients, python_state, shapes, size_reads
 from .calling import CallSpec, install_drop_in
 from .errors import CaptureError, InputError
 from .meta import propagate
@@ -106,11 +106,18 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     failures: dict[str, str] = {}
     blockers: dict[str, str | None] = {}
     with LOCK, detached(model), cache_off(model), torch.no_grad(), decompose.fast_path_off():
+        _graph_can_repeat(model, [])  # hooks: before any run of the model, which would call them
         try:
+            before = python_state.PythonState(model)
             with stage("eager reference run"), own_gradients.recorded([]) as functions:
                 reference = _seeded(model.training, lambda: model(*args, **kwargs))
+                changed = python_state.changes_itself(model, lambda: _seeded(model.training,
+                                                                             lambda: model(*args, **kwargs)))
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
+        if changed:
+            before.restore()  # capture changes nothing: the counter is where the caller left it
+        _graph_can_repeat(model, changed)
         for name, attempt in _attempts(order):
             if name in failures:
                 continue
@@ -148,6 +155,36 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             return cap
     where = next((blockers[n] for n in ("dynamo", "fx", "hf_fx") if blockers.get(n)), None)
     raise CaptureError(failures, training=model.training, blocker=where)
+
+
+def _graph_can_repeat(model, changed: list[str]) -> None:
+    """A graph holds the values its trace read and runs no Python: not a forward that changes its own values
+    (a step counter), nor hooks on submodules. Such calls are served by torch.compile (fxbt's backend), which
+    replays both, or by the model's own forward."""
+    hooks = python_state.hooked(model)
+    why = (f"the forward changes values of its own on every call ({'; '.join(changed[:3])})" if changed else
+           f"forward hooks on {', '.join(hooks[:3])}{' ...' if len(hooks) > 3 else ''}" if hooks else None)
+    if why:
+        raise CaptureError({"every frontend": why + ": a graph cannot repeat them"},
+                           advice="Calls run through torch.compile with the fxbt backend, or the model's own forward.")
+
+
+@contextlib.contextmanager
+def inputs_kept(inputs):
+    """Capture and verification run the model on the example several times; a forward that writes into its inputs
+    (``x.mul_(2)``) would change the caller's tensors each time. Their values are put back afterwards."""
+    # plain tensors only: weights torch.compile passes as inputs are not the caller's, fakes have no values
+    tensors = [x for x in pytree.tree_leaves(inputs) if type(x) is torch.Tensor and not x.is_nested
+               and x.device.type != "meta"]
+    saved = [x.detach().clone() for x in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for x, was in zip(tensors, saved):
+                if not torch.equal(x, was):
+                    with torch.inference_mode(x.is_inference()):
+                        x.copy_(was)
 
 
 def _attempts(order):

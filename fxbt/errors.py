@@ -8,18 +8,19 @@ class FxbtError(Exception):
 class CaptureError(FxbtError):
     """No frontend could turn the model into an FX graph; the message lists each frontend's reason."""
 
-    def __init__(self, reasons: dict[str, str], training: bool = False, blocker: str | None = None):
+    def __init__(self, reasons: dict[str, str], training: bool = False, blocker: str | None = None,
+                 advice: str | None = None):
         self.reasons = dict(reasons)
         self.training = training
         self.blocker = blocker  # the line of model code capture stopped at, where one was found
         lines = "\n".join(f"  - {name}: {why}" for name, why in reasons.items())
-        if training:
+        if advice is None and training:
             advice = ("The model is in training mode: its dropout draws random numbers, and a graph must reproduce "
                       "them under one seed. For inference, call model.eval() first.")
-        elif blocker:
+        elif advice is None and blocker:
             advice = (f"Capture is blocked at {blocker}. Make that line independent of tensor values (no branch, "
                       ".item() or .tolist() on them), or pass frontend=... to pick one.")
-        else:
+        elif advice is None:
             advice = "Make forward() independent of tensor values (no branch on them), or pass frontend=... to pick one."
         super().__init__(f"fxbt could not capture the model as an FX graph. Each frontend failed:\n{lines}\n{advice}")
 

@@ -38,9 +38,12 @@ class Signature:
         self.var_keyword = inspect.Parameter.VAR_KEYWORD in kinds.values()
         self.var_positional = inspect.Parameter.VAR_POSITIONAL in kinds.values()
 
-    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The inputs of a call by name, in parameter order; inputs equal to their default are left out."""
-        if len(args) > len(self.params) and not self.var_positional:
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        """The inputs of a call by name, in parameter order; inputs equal to their default are left out. None for a
+        call that passes inputs through ``*args``: they have no name for a graph to take them by."""
+        if len(args) > len(self.params) and self.var_positional:
+            return None
+        if len(args) > len(self.params):
             raise InputError(f"{len(args)} positional inputs given; the model takes at most {len(self.params)}")
         bound = dict(zip(self.params, args))
         for name, value in kwargs.items():
@@ -155,6 +158,9 @@ class StateGuard:
     """The parameters, buffers and submodules a graph was captured with, as objects, with their metadata."""
 
     def __init__(self, model: torch.nn.Module):
+        from .python_state import PythonState
+
+        self.values = PythonState(model)
         self.edges = [(parent, name, child) for parent in model.modules()
                       for name, child in parent._modules.items() if child is not None]
         self.tensors = [(module, store, name, t, _meta(t)) for module in model.modules()
@@ -163,7 +169,8 @@ class StateGuard:
 
     def holds(self) -> bool:
         return (all(parent._modules.get(name) is child for parent, name, child in self.edges) and
-                all(getattr(m, store).get(name) is t and _meta(t) == meta for m, store, name, t, meta in self.tensors))
+                all(getattr(m, store).get(name) is t and _meta(t) == meta for m, store, name, t, meta in self.tensors)
+                and self.values.holds())
 
     def failing(self, model: torch.nn.Module) -> str:
         paths = {m: n for n, m in model.named_modules()}
@@ -177,7 +184,7 @@ class StateGuard:
                 return f"{what} {_join(paths.get(m, '?'), name)} was replaced by another tensor"
             if _meta(now) != meta:
                 return f"{what} {_join(paths.get(m, '?'), name)} changed dtype, device or shape"
-        return ""
+        return self.values.failing()
 
 
 def _meta(t: torch.Tensor):

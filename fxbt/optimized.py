@@ -32,8 +32,12 @@ import torch.utils._pytree as pytree
 from . import own_gradients, recompute
 from .errors import CaptureError, FxbtError, InputError
 from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque, opaque_types
+from .python_state import PythonState
 from .region import RecomputeCall
 from .shapes import ShapeGuard
+
+
+UNNAMED = "inputs given through *args, which a graph cannot take by name"
 
 
 @dataclass
@@ -114,6 +118,8 @@ class Optimized:
     # -- the call ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         bound = self.signature.bind(args, kwargs)
+        if bound is None:
+            return self._original(args, kwargs, UNNAMED)
         key = call_key(bound, self.modules)
         if bound.get("use_cache") is True:
             return self._compiled_call(args, kwargs, "a call with a KV cache")
@@ -197,6 +203,9 @@ class Optimized:
     def add(self, example_args: tuple, example_kwargs: dict, reason: str) -> Specialization:
         """Make a specialization for an example call now (``fxbt.optimize`` with example inputs)."""
         bound = self.signature.bind(example_args, example_kwargs)
+        if bound is None:
+            raise InputError(f"the example passes inputs through *args: {UNNAMED}. Optimize a module whose forward "
+                             "names them (a wrapper: def forward(self, x, mask): return model(x, mask))")
         key = call_key(bound, self.modules)
         if is_opaque(key):
             raise InputError("the example inputs hold objects no captured graph can take (a KV cache?); "
@@ -206,8 +215,14 @@ class Optimized:
         except CaptureError as e:
             if not self._compile_instead(key, e):
                 raise
-            with torch.no_grad():  # compiled, rewritten and verified now, as a specialization would be
+            from .capture import inputs_kept
+
+            # compiled, rewritten and verified now, as a specialization would be; the example and the model's own
+            # values (a step counter) left as they were
+            kept = PythonState(self.model)
+            with torch.no_grad(), inputs_kept((example_args, example_kwargs)):
                 self._compiled_call(example_args, example_kwargs, self.uncaptured[key])
+            kept.restore()
             return None
         self.specializations.insert(0, spec)
         self.history.append(f"specialization made: {reason}")
@@ -262,7 +277,7 @@ class Optimized:
 def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, reason: str) -> Specialization:
     """Capture, rewrite and verify a graph for one kind of call."""
     from . import registry
-    from .capture import capture
+    from .capture import capture, inputs_kept
     from .report import Report
     from .rewrite import apply_and_verify
 
@@ -270,10 +285,12 @@ def build(model: torch.nn.Module, bound: dict, key: tuple, options: Options, rea
 
     with stage("rules"):
         rules = registry.select(options.patterns)
-    captured = capture(model, bound, options.frontend)
-    gm = captured.gm
-    report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
-    apply_and_verify(gm, rules, report, {"encoder_impl": options.encoder_impl}, captured.flat_inputs, options.verify)
+    with inputs_kept(bound):  # the call's (or example's) tensors as they were: the call itself runs after
+        captured = capture(model, bound, options.frontend)
+        gm = captured.gm
+        report = Report(captured.frontend, captured.failures, captured.notes, reason=reason)
+        apply_and_verify(gm, rules, report, {"encoder_impl": options.encoder_impl}, captured.flat_inputs,
+                         options.verify)
     gm.fxbt_report = report
     return Specialization(key, captured.shapes, StateGuard(model), gm, reason, recompute.constants(gm),
                           recompute.replayable(gm, key[1]), captured.own_gradients)

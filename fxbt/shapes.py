@@ -169,7 +169,7 @@ def _parameter_size(source_name: str) -> bool:
 
 def _hints(env) -> dict:
     """The example's value of each backed size symbol (renamed across torch versions)."""
-    return getattr(env, "backed_var_to_val", None) or env.var_to_val
+    return env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
 
 
 _DIM_SOURCE = re.compile(r"(.*)\.size\(\)\[(\d+)\]")

@@ -93,8 +93,8 @@ def test_bad_example_inputs_raise_input_error(bad, message):
         fxbt.optimize(BmmMaskedFill(), bad)
 
 
-def test_graph_that_does_not_reproduce_the_model_is_refused():
-    """A frontend whose graph computes something else is a failed frontend, not a silent wrong answer."""
+def test_a_forward_that_changes_its_own_values_is_refused():
+    """A graph would hold the counter's value at capture: refused with the reason, not a silent wrong answer."""
     class Stateful(nn.Module):
         def __init__(self):
             super().__init__()
@@ -104,8 +104,10 @@ def test_graph_that_does_not_reproduce_the_model_is_refused():
             self.calls += 1
             return x * self.calls
 
-    with pytest.raises(fxbt.CaptureError, match="does not reproduce"):
-        fxbt.optimize(Stateful(), (torch.ones(2, 3),), frontend="fx")
+    model = Stateful()
+    with pytest.raises(fxbt.CaptureError, match="changes values of its own on every call"):
+        fxbt.optimize(model, (torch.ones(2, 3),), frontend="fx")
+    assert model.calls == 0  # and capture left the counter where it was
 
 
 

@@ -11,7 +11,9 @@ import zoo
 from conftest import max_error, reference
 from fxbt.pattern import Rule
 from fxbt.optimized import detached
+from fxbt.api import graph_module
 from fxbt.region import regions
+from patterns.padding_free import _take_factors
 from test_encoder import real_token_error
 
 TOL = 1e-5
@@ -183,6 +185,28 @@ def test_a_stack_pooled_over_its_real_tokens_runs_on_them(mode):
     assert "does not blank every padded position" in _padding_free(opt)[0].last_path
     with torch.no_grad():
         assert torch.equal(fxbt.unroll(opt)(x, mask, mask), model(x, mask, mask))
+
+
+def test_a_pooling_factor_gone_from_the_graph_keeps_the_stack_padded():
+    """The factor a region checks per call is named when the region is made; should a later rewrite take that node
+    in, the check is impossible, and the region must give the original's padded positions, not skip the check."""
+    model = handwritten.MaskPooledStack("mean").eval()
+    x, mask = handwritten.inputs(3, 9)
+    opt = fxbt.optimize(model, (x, mask, mask.clone()), inplace=False, patterns=PASS)
+    gm = graph_module(opt)
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in dict(regions(gm))
+               and gm.get_submodule(n.target).kernel == "padding_free"]
+    region = gm.get_submodule(node.target)
+    ((axes, kind),) = region.params["blanking"]
+    del region.slots["factors"]
+    region.params["blanking"] = (("a_node_no_longer_there", axes, kind),)
+    _take_factors(gm, node, region)
+    assert region.params["factors_lost"] == ("a_node_no_longer_there",)
+    x, mask = handwritten.inputs(4, 11, seed=3)
+    pool_all = torch.ones_like(mask)
+    with torch.no_grad():
+        assert max_error(model(x, mask, pool_all), opt(x, mask, pool_all)) < TOL
+    assert "gone from the graph" in region.last_path
 
 
 @pytest.mark.parametrize("model", [handwritten.PoolerStack(), handwritten.BiasedStack("per_head"),

@@ -1,0 +1,243 @@
+"""A graph holds the Python values its trace read: it serves a call only while they are what they were.
+
+Each test changes, after ``fxbt.optimize``, something a forward reads besides its inputs and weights, and checks
+that the optimized model follows the change exactly as the model does (it would not, were the guard gone).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxbt
+import zoo
+from test_encoder import real_token_error
+
+DIM, HEADS = 16, 2
+GLOBAL_TEMPERATURE = 1.0  # read by Block.forward as a global
+TOL = 1e-5
+
+
+class Settings:
+    """A config-like object the blocks share and read fields of."""
+
+    def __init__(self):
+        self.residual = True
+
+
+class Block(nn.Module):
+    def __init__(self, settings):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        self.act = nn.GELU()
+        self.scale = (DIM // HEADS) ** -0.5
+        self.settings = settings
+
+    def forward(self, x, bias):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, s, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) * self.scale / GLOBAL_TEMPERATURE + bias
+        h = self.out(self.act((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, DIM)))
+        return x + h if self.settings.residual else h
+
+
+class Model(nn.Module):
+    def __init__(self, layers=2):
+        super().__init__()
+        self.settings = Settings()
+        self.layers = nn.ModuleList(Block(self.settings) for _ in range(layers))
+
+    def forward(self, x, mask):
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+def _error(a, b, mask) -> float:
+    """On real tokens: a padding-free stack leaves zeros at padded positions."""
+    return ((a - b).abs() * mask[..., None]).max().item()
+
+
+def _inputs(batch=3, seq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq // 2:] = 0
+    return torch.randn(batch, seq, DIM, generator=g), mask
+
+
+def _pair():
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    fxbt.optimize(model, _inputs(2, 5))
+    return model, reference
+
+
+def _set_scale(m):
+    m.layers[0].scale = 1.0
+
+
+def _set_eps(m):
+    m.layers[1].norm.eps = 0.5
+
+
+def _set_field(m):
+    m.settings.residual = False
+
+
+def _append_layer(m):
+    torch.manual_seed(1)
+    m.layers.append(Block(m.settings))
+
+
+def _set_submodule_forward(m):
+    m.layers[1].out.forward = lambda x: torch.zeros_like(x)
+
+
+def _add_output_hook(m):
+    m.layers[0].out.register_forward_hook(lambda module, args, out: out * 2)
+
+
+def _add_input_hook(m):
+    m.layers[1].register_forward_pre_hook(lambda module, args: (args[0] + 1.0, args[1]))
+
+
+@pytest.mark.parametrize("change", [_set_scale, _set_eps, _set_field, _append_layer,
+                                    _set_submodule_forward, _add_output_hook, _add_input_hook],
+                         ids=lambda f: f.__name__[1:])
+def test_a_value_the_forward_reads_changed_after_optimize_is_followed(change):
+    model, reference = _pair()
+    x, mask = _inputs()
+    with torch.no_grad():
+        before = model(x, mask)
+        assert _error(before, reference(x, mask), mask) < TOL and fxbt.report(model).rewritten("padding_free")
+        change(model)
+        change(reference)
+        want = reference(x, mask)
+        assert _error(before, want, mask) > 1e-3  # the change matters
+        assert _error(model(x, mask), want, mask) < TOL
+    history = model.forward.dispatcher.history
+    assert any(h.startswith("specialization dropped") for h in history), history
+
+
+def test_a_global_the_forward_reads_changed_after_optimize_is_followed():
+    global GLOBAL_TEMPERATURE
+    model, reference = _pair()
+    x, mask = _inputs()
+    try:
+        GLOBAL_TEMPERATURE = 0.25
+        with torch.no_grad():
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    finally:
+        GLOBAL_TEMPERATURE = 1.0
+    assert any("global" in h for h in model.forward.dispatcher.history), model.forward.dispatcher.history
+
+
+def test_unchanged_values_keep_the_graph():
+    """The near-miss twin: in-place weight updates and repeated calls change no value the trace read."""
+    model, reference = _pair()
+    x, mask = _inputs()
+    with torch.no_grad():
+        for m in (model, reference):
+            m.layers[0].qkv.weight.mul_(1.5)
+        for _ in range(3):
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert len(model.forward.dispatcher.specializations) == 1
+    assert not any(h.startswith("specialization dropped") for h in model.forward.dispatcher.history)
+
+
+class Counting(nn.Module):
+    """A forward that changes a value of its own on every call: a graph cannot repeat that."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(Settings())
+        self.calls = 0
+
+    def forward(self, x, mask):
+        self.calls += 1
+        return self.block(x, (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0) * self.calls
+
+
+def test_a_forward_that_counts_its_calls_is_not_frozen_into_a_graph():
+    torch.manual_seed(0)
+    model = Counting().eval()
+    reference = copy.deepcopy(model)
+    fxbt.optimize(model, _inputs(2, 5))
+    assert model.calls == 0  # optimize changed nothing
+    x, mask = _inputs()
+    with torch.no_grad():
+        for _ in range(2):
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert model.calls == reference.calls == 2
+    assert any("changes values of its own" in h for h in model.forward.dispatcher.history)
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(Settings())
+
+    def forward(self, x, mask):
+        x.mul_(2)
+        return self.block(x, (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0)
+
+
+def test_capture_leaves_the_callers_tensors_as_they_were():
+    """Capture and verification run the model on the example (and on a call that makes a graph) several times;
+    the caller's tensors end as one call of the model leaves them."""
+    torch.manual_seed(0)
+    model = WritesItsInput().eval()
+    reference = copy.deepcopy(model)
+    x, mask = _inputs(2, 5)
+    kept = x.clone()
+    fxbt.optimize(model, (x, mask))
+    assert torch.equal(x, kept)
+    x, mask = _inputs(4, 6, seed=1)
+    mine, theirs = x.clone(), x.clone()
+    with torch.no_grad():
+        assert _error(model(mine, mask), reference(theirs, mask), mask) < TOL  # a call that makes a new graph
+    assert torch.equal(mine, theirs)
+
+
+class TakesStarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(Settings())
+
+    def forward(self, x, *rest):
+        mask = rest[0] if rest else torch.ones(x.shape[:2])
+        return self.block(x, (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0)
+
+
+def test_inputs_passed_through_star_args_are_never_dropped():
+    torch.manual_seed(0)
+    model = TakesStarArgs().eval()
+    with pytest.raises(fxbt.InputError, match=r"\*args"):
+        fxbt.optimize(copy.deepcopy(model), _inputs(2, 5))
+    reference = copy.deepcopy(model)
+    fxbt.optimize(model, (_inputs(2, 5)[0],))
+    x, mask = _inputs()
+    with torch.no_grad():
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL  # the mask reaches the model's own forward
+    assert any("*args" in why for why in model.forward.dispatcher.original_calls)
+
+
+@pytest.mark.parametrize("field,value", [("output_hidden_states", True), ("return_dict", False)])
+def test_a_transformers_config_flag_set_after_optimize_is_followed(field, value):
+    spec = zoo.SPECS["bert"]
+    model = spec.build("sdpa")
+    reference = copy.deepcopy(model)
+    fxbt.optimize(model, zoo.make_inputs(spec, 2, 7, True))
+    call = zoo.make_inputs(spec, 3, 9, True, seed=1)
+    for m in (model, reference):
+        setattr(m.config, field, value)
+    with torch.no_grad():
+        want, got = reference(**call), model(**call)
+    assert type(got) is type(want) and len(got) == len(want)
+    values = [x.to_tuple() if hasattr(x, "to_tuple") else x for x in (want, got)]
+    assert real_token_error(spec, *values, call) < TOL
