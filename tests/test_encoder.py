@@ -116,6 +116,9 @@ def test_by_default_encoder_stacks_are_left_to_the_padding_free_pass(bert):
         fxbt.optimize(model, spec.example(), encoder_impl="dense", inplace=False)
 
 
+@pytest.mark.xfail(int(__import__("transformers").__version__.split(".")[0]) >= 5, strict=True,
+                   reason="transformers 5 records hidden states with forward hooks on the layers, which a graph cannot "
+                          "call: such calls run through torch.compile (fxbt/python_state.py), outputs equal")
 def test_hidden_states_requested_end_the_stack_and_are_plain_tensors(bert):
     spec, model = bert
     inputs = dict(spec.example(), output_hidden_states=True)
