@@ -106,7 +106,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     failures: dict[str, str] = {}
     blockers: dict[str, str | None] = {}
     with LOCK, detached(model), cache_off(model), torch.no_grad(), decompose.fast_path_off():
-        _graph_can_repeat(model, [])  # hooks: before any run of the model, which would call them
+        _refuse_hooks(model)  # before any run of the model, which would call them
         try:
             before = python_state.PythonState(model)
             with stage("eager reference run"), own_gradients.recorded([]) as functions:
@@ -117,7 +117,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
         if changed:
             before.restore()  # capture changes nothing: the counter is where the caller left it
-        _graph_can_repeat(model, changed)
+            raise _cannot_repeat(f"the forward changes values of its own on every call ({'; '.join(changed[:3])})")
+        _refuse_hooks(model)  # and those its own run installed
         for name, attempt in _attempts(order):
             if name in failures:
                 continue
@@ -157,16 +158,18 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
     raise CaptureError(failures, training=model.training, blocker=where)
 
 
-def _graph_can_repeat(model, changed: list[str]) -> None:
+def _refuse_hooks(model) -> None:
+    hooks = python_state.hooked(model)
+    if hooks:
+        raise _cannot_repeat(f"forward hooks on {', '.join(hooks[:3])}{' ...' if len(hooks) > 3 else ''}")
+
+
+def _cannot_repeat(why: str) -> CaptureError:
     """A graph holds the values its trace read and runs no Python: not a forward that changes its own values
     (a step counter), nor hooks on submodules. Such calls are served by torch.compile (fxbt's backend), which
     replays both, or by the model's own forward."""
-    hooks = python_state.hooked(model)
-    why = (f"the forward changes values of its own on every call ({'; '.join(changed[:3])})" if changed else
-           f"forward hooks on {', '.join(hooks[:3])}{' ...' if len(hooks) > 3 else ''}" if hooks else None)
-    if why:
-        raise CaptureError({"every frontend": why + ": a graph cannot repeat them"},
-                           advice="Calls run through torch.compile with the fxbt backend, or the model's own forward.")
+    return CaptureError({"every frontend": why + ": a graph cannot repeat them"},
+                        advice="Calls run through torch.compile with the fxbt backend, or the model's own forward.")
 
 
 @contextlib.contextmanager

@@ -14,14 +14,13 @@ class CaptureError(FxbtError):
         self.training = training
         self.blocker = blocker  # the line of model code capture stopped at, where one was found
         lines = "\n".join(f"  - {name}: {why}" for name, why in reasons.items())
-        if advice is None and training:
+        if advice is None:
             advice = ("The model is in training mode: its dropout draws random numbers, and a graph must reproduce "
-                      "them under one seed. For inference, call model.eval() first.")
-        elif advice is None and blocker:
-            advice = (f"Capture is blocked at {blocker}. Make that line independent of tensor values (no branch, "
-                      ".item() or .tolist() on them), or pass frontend=... to pick one.")
-        elif advice is None:
-            advice = "Make forward() independent of tensor values (no branch on them), or pass frontend=... to pick one."
+                      "them under one seed. For inference, call model.eval() first." if training else
+                      f"Capture is blocked at {blocker}. Make that line independent of tensor values (no branch, "
+                      ".item() or .tolist() on them), or pass frontend=... to pick one." if blocker else
+                      "Make forward() independent of tensor values (no branch on them), or pass frontend=... to pick "
+                      "one.")
         super().__init__(f"fxbt could not capture the model as an FX graph. Each frontend failed:\n{lines}\n{advice}")
 
     def short(self) -> str:

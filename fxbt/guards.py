@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError
+from .python_state import PythonState
 
 OPAQUE = "opaque"  # a non-tensor input that is not a plain value (a KV cache object): no graph can take it
 
@@ -158,8 +159,6 @@ class StateGuard:
     """The parameters, buffers and submodules a graph was captured with, as objects, with their metadata."""
 
     def __init__(self, model: torch.nn.Module):
-        from .python_state import PythonState
-
         self.values = PythonState(model)
         self.edges = [(parent, name, child) for parent in model.modules()
                       for name, child in parent._modules.items() if child is not None]

@@ -220,9 +220,11 @@ class Optimized:
             # compiled, rewritten and verified now, as a specialization would be; the example and the model's own
             # values (a step counter) left as they were
             kept = PythonState(self.model)
-            with torch.no_grad(), inputs_kept((example_args, example_kwargs)):
-                self._compiled_call(example_args, example_kwargs, self.uncaptured[key])
-            kept.restore()
+            try:
+                with torch.no_grad(), inputs_kept((example_args, example_kwargs)):
+                    self._compiled_call(example_args, example_kwargs, self.uncaptured[key])
+            finally:
+                kept.restore()
             return None
         self.specializations.insert(0, spec)
         self.history.append(f"specialization made: {reason}")

@@ -45,47 +45,51 @@ def _read_through(value) -> bool:
 
 
 def _tuple_getter(keys):
+    if not keys:
+        return lambda d: ()
     return itemgetter(*keys) if len(keys) > 1 else (lambda d, k=keys[0]: (d[k],))
 
 
 class _Namespace:
-    """One ``__dict__`` (or globals): its size, the plain values at some keys (compared by value, against a copy)
-    and the objects at the others (compared by identity)."""
+    """One ``__dict__`` (or globals) at some keys: the plain values there, compared by value against a copy, and
+    the objects at the others, compared by identity; and its size (None: not checked)."""
 
-    def __init__(self, d: dict, label: str, keys, skip=()):
-        self.d, self.label, self.size = d, label, len(d)
-        self.skip = tuple(k for k in skip if k in d)
-        plain = [k for k in keys if _plain(d[k])]
-        other = [k for k in keys if not _plain(d[k])]
-        self.values = (_tuple_getter(plain), copy.deepcopy(tuple(d[k] for k in plain))) if plain else None
-        self.objects = (_tuple_getter(other), tuple(id(d[k]) for k in other)) if other else None
-        self.keys = tuple(plain) + tuple(other)
-        self.kept = tuple(d[k] for k in other)  # the objects stay alive, so their ids stay theirs
-
-    def holds(self) -> bool:
-        d = self.d
-        try:
-            return ((self.size is None or len(d) == self.size) and
-                    (self.values is None or self.values[0](d) == self.values[1]) and
-                    (self.objects is None or tuple(map(id, self.objects[0](d))) == self.objects[1]))
-        except KeyError:
-            return False
+    def __init__(self, d: dict, label: str, keys, sized: bool = True):
+        self.d, self.label, self.size = d, label, len(d) if sized else None
+        self.plain = tuple(k for k in keys if _plain(d[k]))
+        self.other = tuple(k for k in keys if not _plain(d[k]))
+        self.values = copy.deepcopy(tuple(d[k] for k in self.plain))
+        self.kept = tuple(d[k] for k in self.other)  # the objects stay alive, so their ids stay theirs
+        self._ids = tuple(map(id, self.kept))
+        self._values_of, self._objects_of = _tuple_getter(self.plain), _tuple_getter(self.other)
 
     def values_hold(self) -> bool:
         """The plain values alone (a forward replacing a cached tensor on ``self`` changes no plain value)."""
         try:
-            return self.values is None or self.values[0](self.d) == self.values[1]
+            return self._values_of(self.d) == self.values
         except KeyError:
             return False
 
+    def holds(self) -> bool:
+        try:
+            return ((self.size is None or len(self.d) == self.size) and self.values_hold() and
+                    tuple(map(id, self._objects_of(self.d))) == self._ids)
+        except KeyError:
+            return False
+
+    def restore(self) -> None:
+        for key, was in zip(self.plain, self.values):
+            if self.d.get(key, _ABSENT) != was:
+                self.d[key] = copy.deepcopy(was)
+
     def failing(self) -> str:
-        if any(key not in self.d for key in self.keys):
-            return f"{self.label}.{next(k for k in self.keys if k not in self.d)} was deleted"
-        plain = self.keys[: len(self.keys) - len(self.kept)]
-        for key, was in zip(plain, self.values[1] if self.values else ()):
+        for key in self.plain + self.other:
+            if key not in self.d:
+                return f"{self.label}.{key} was deleted"
+        for key, was in zip(self.plain, self.values):
             if self.d[key] != was:
                 return f"{self.label}.{key} changed from {was!r:.60} to {self.d[key]!r:.60}"
-        for key, was in zip(self.keys[len(plain):], self.kept):
+        for key, was in zip(self.other, self.kept):
             if self.d[key] is not was:
                 return f"{self.label}.{key} was replaced"
         if self.size is not None and len(self.d) != self.size:
@@ -104,8 +108,7 @@ class PythonState:
         for path, module in model.named_modules():
             label = path or type(model).__name__
             skip = ("forward",) if module is model else ()  # the root's forward is fxbt's dispatcher
-            keys = [k for k in vars(module) if k not in _MODULE_OWN and k not in skip]
-            self._add(vars(module), label, keys, seen, 0, skip)
+            self._add(vars(module), label, [k for k in vars(module) if k not in _MODULE_OWN and k not in skip], seen, 0)
             self.registries.append((module._modules, tuple(module._modules), f"the submodules of {label}"))
             if module is not model:  # the root's hooks run around the dispatcher, as ever
                 self.registries += [(getattr(module, h), tuple(getattr(module, h)), f"the hooks of {label}")
@@ -113,13 +116,11 @@ class PythonState:
         for fn in {type(m).forward for m in model.modules()}:
             globs, names = _globals_read(fn)
             plain = [n for n in names if _plain(globs[n])]
-            if plain:
-                space = _Namespace(globs, f"a global of {getattr(fn, '__module__', '?')}", plain)
-                space.size = None  # a module's globals grow as it imports: only these names matter
-                self.spaces.append(space)
+            if plain:  # a module's globals grow as it imports: only these names matter, not its size
+                self.spaces.append(_Namespace(globs, f"a global of {getattr(fn, '__module__', '?')}", plain, False))
 
-    def _add(self, d: dict, label: str, keys, seen: set, depth: int, skip=()) -> None:
-        self.spaces.append(_Namespace(d, label, keys, skip))
+    def _add(self, d: dict, label: str, keys, seen: set, depth: int) -> None:
+        self.spaces.append(_Namespace(d, label, keys))
         if depth >= _DEPTH:
             return
         for key in keys:
@@ -134,9 +135,7 @@ class PythonState:
     def restore(self) -> None:
         """Put back the plain values (numbers, flags, ...) that changed since the snapshot."""
         for s in self.spaces:
-            for key, was in zip(s.keys, s.values[1] if s.values else ()):
-                if s.d.get(key, _ABSENT) != was:
-                    s.d[key] = copy.deepcopy(was)
+            s.restore()
 
     def failing(self) -> str:
         for s in self.spaces:
@@ -175,13 +174,7 @@ def hooked(model: torch.nn.Module) -> list[str]:
 def changes_itself(model: torch.nn.Module, run) -> list[str]:
     """The plain values of the model (and of the objects it holds) that ``run()``, a call of its forward, changes:
     a step counter, a flag it flips. Call it after a first call, which may fill caches: a second must change
-    none. Tensors a forward keeps on ``self`` (rotary tables) are caches the graph reads as they were. Where a
-    value changes, the values are put back (capture must not change the model)."""
+    none. Tensors a forward keeps on ``self`` (rotary tables) are caches the graph reads as they were."""
     before = PythonState(model)
-    try:
-        run()
-    finally:
-        found = [s.failing() for s in before.spaces if not s.values_hold()]
-        if any(found):
-            before.restore()
-    return [f for f in found if f]
+    run()
+    return [s.failing() for s in before.spaces if not s.values_hold()]

@@ -61,7 +61,8 @@ def padding_free(inputs, *, graph, output_axes, key_readers=(), key_padding=None
                  factors_lost=()):
     # key_readers, key_padding: for after_padding_free; factors, blanking, factors_lost: given by it (``_take_factors``)
     if factors_lost:  # what blanks its padded positions can no longer be checked: they must hold the original's values
-        raise UseOriginal(f"the factors blanking its padded positions after it are gone from the graph ({', '.join(factors_lost)})")
+        raise UseOriginal("the factors blanking its padded positions after it are gone from the graph "
+                          f"({', '.join(factors_lost)})")
     try:
         *values, tokens = run_without_dropout(graph, inputs) if verifying() else graph(*inputs)
     except UseOriginal as e:  # raised inside the graph: its first line is the reason (fx appends the node)
@@ -435,9 +436,9 @@ def after_padding_free(gm, installed, report) -> None:
 def _take_factors(gm, node, region) -> None:
     """The factors that blank the region's padded positions after it (a pooling mask) become inputs of its call,
     for it to check per call (`_blanks_padding`): their computations, from the graph's inputs alone, move before it."""
-    by_name = {n.name: n for n in gm.graph.nodes}
     if "factors" in region.slots or not region.params.get("blanking"):
         return
+    by_name = {n.name: n for n in gm.graph.nodes}
     lost = tuple(name for name, _, _ in region.params["blanking"] if name not in by_name)
     if lost:  # another rewrite took a factor in: no call could be checked, so none runs padding-free
         region.params["factors_lost"] = lost
