@@ -38,7 +38,10 @@ def _close(spec, model, gm, inputs, tol=TOL):
     (lambda x: dict(x, return_dict=False), "input return_dict given"),
 ])
 def test_calls_of_other_kinds_than_the_example_get_a_specialization(bert, change, why):
-    spec, model, gm = bert
+    spec, model, _ = bert
+    # an optimized copy of its own: a call asking for hidden states makes transformers 5 leave recording hooks on
+    # the layers, and every later capture of that model is refused (calls then run through torch.compile)
+    gm = fxbt.optimize(model, spec.example(), inplace=False)
     inputs = change(spec.probe())
     with torch.inference_mode():
         want, got = reference(model, inputs), gm(**inputs)
