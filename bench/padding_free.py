@@ -64,7 +64,8 @@ SEQ2SEQ = {"bart": 96}  # the decoder's length; its real lengths take the same p
 def build(name: str, attn: str, train=False):
     model_cls, config_cls, config, *_ = MODELS[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**config)
+    # as embedders, their KV caches off: a decoder returning its cache is served by torch.compile
+    config = getattr(transformers, config_cls)(**config, use_cache=False)
     model = getattr(transformers, model_cls)._from_config(config, attn_implementation=attn)
     return model.train() if train else model.eval()
 

@@ -38,7 +38,8 @@ def gpt2(attn: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+    # its KV cache off: a decoder returning its cache is served by torch.compile, and a prefill needs none
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257, use_cache=False)
     return GPT2LMHeadModel._from_config(config, attn_implementation=attn).eval()
 
 

@@ -70,8 +70,12 @@ def _optimize_one(target: torch.nn.Module, example_inputs, options: Options) -> 
     try:
         dispatcher.add((), built, "an example built from the model's config")
     except CaptureError as e:
-        dispatcher.history.append(f"the example built from the config could not be captured ({e.short()}); "
-                                  "the first call is captured")
+        why = f"could not be captured ({e.short()})"
+    except InputError as e:  # the model refuses fxbt's guess (GPT-2 classification without a pad token, batch 2)
+        why = f"is refused by the model ({e})"
+    else:
+        return
+    dispatcher.history.append(f"the example built from the config {why}; the first call is captured")
 
 
 def _copy_sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,8 +140,8 @@ def graph_module(model: torch.nn.Module, specialization: int = 0) -> torch.fx.Gr
     specs = specializations(model)
     uncaptured = [why for d in dispatchers(model) for why in d.uncaptured.values()]
     if not specs and uncaptured:
-        raise FxbtError(f"this model has no single graph: its calls run through torch.compile ({uncaptured[0]}); "
-                        "make that line independent of tensor values to get one")
+        raise FxbtError(f"this model has no single graph: its calls run through torch.compile ({uncaptured[0]}). "
+                        "fxbt.report(model).history says what keeps each kind of call from one graph")
     if not specs:
         raise FxbtError("this model has no captured graph yet (it is captured on its first call): call it once, "
                         "or optimize it with example_inputs")

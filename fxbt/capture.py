@@ -105,71 +105,99 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
         raise InputError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     failures: dict[str, str] = {}
     blockers: dict[str, str | None] = {}
-    with LOCK, detached(model), cache_off(model), torch.no_grad(), decompose.fast_path_off():
-        _refuse_hooks(model)  # before any run of the model, which would call them
+    with LOCK, detached(model), torch.no_grad(), decompose.fast_path_off():
+        order = _frontends_running_hooks(model, order)  # before any run of the model, which would call them
+        before = python_state.PythonState(model)
         try:
-            before = python_state.PythonState(model)
-            with stage("eager reference run"), own_gradients.recorded([]) as functions:
-                reference = _seeded(model.training, lambda: model(*args, **kwargs))
-                changed = python_state.changes_itself(model, lambda: _seeded(model.training,
-                                                                             lambda: model(*args, **kwargs)))
+            with stage("eager reference run"):
+                with_cache = _output_with_cache(model, args, kwargs)
+                with cache_off(model), own_gradients.recorded([]) as functions:
+                    reference = _seeded(model.training, lambda: model(*args, **kwargs))
+                    changed = python_state.changes_itself(model, lambda: _seeded(model.training,
+                                                                                 lambda: model(*args, **kwargs)))
         except Exception as e:  # noqa: BLE001 - typed, with the model's own error attached
+            before.restore()
             raise InputError(f"the model itself raises on these inputs: {type(e).__name__}: {e}") from e
         if changed:
             before.restore()  # capture changes nothing: the counter is where the caller left it
-            raise _cannot_repeat(f"the forward changes values of its own on every call ({'; '.join(changed[:3])})")
-        _refuse_hooks(model)  # and those its own run installed
-        for name, attempt in _attempts(order):
-            if name in failures:
-                continue
-            gm = None
-            try:
-                with stage(f"capture ({name})"), attributes_kept(model):
-                    gm, decisions = attempt(model, args, kwargs)
-                with stage("calling convention"):
-                    flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
-                    _decompose_attention(gm, flat_inputs, name)
-                    functional.out_of_place(gm)
-                with stage("reproduction check"):
-                    _reproduces(gm, flat_inputs, reference, model.training)
-                # after the run that recorded every value's rank and dtype
-                size_reads.as_dynamo_records(gm, keep={node for node, _ in decisions})
-                _number(gm)
-                with stage("shape guards"):
-                    guard = _shape_guard(gm, name, flat_inputs, decisions)
-            except Exception as e:  # each frontend fails in its own way; we keep the reason
-                if gm is not None and gm.meta.get("fxbt_block_reuse", (0, 0))[0]:
-                    log.info("fxbt: the graph with repeated blocks reused failed (%s); tracing every block", e)
-                    continue  # the next attempt traces every block
-                failures[name] = _short_reason(e)
-                blockers.setdefault(name, blocker(e))
-                log.info("fxbt: frontend %s failed: %s", name, failures[name])
-                continue
-            cap = Capture(gm, name, failures, flat_inputs, shapes=guard, own_gradients=functions)
-            if "use_cache" in inspect.signature(model.forward).parameters:
-                cap.notes.append("captured with use_cache=False: the graph returns no KV cache")
-            calls, traced = gm.meta.get("fxbt_block_reuse", (0, 0))
-            if calls > traced:
-                cap.notes.append(f"{calls} calls of repeated blocks captured from {traced} trace(s) of a block")
-            if guard.static:
-                cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
-            return cap
+            raise _cannot_repeat(f"the forward (or a hook) changes values of its own on every call "
+                                 f"({'; '.join(changed[:3])})")
+        if with_cache is not None and with_cache != pytree.tree_structure(reference):
+            raise _returns_a_cache()
+        order = _frontends_running_hooks(model, order)  # and those its own run installed
+        with cache_off(model):
+            for name, attempt in _attempts(order):
+                if name in failures:
+                    continue
+                gm = None
+                try:
+                    with stage(f"capture ({name})"), attributes_kept(model):
+                        gm, decisions = attempt(model, args, kwargs)
+                    with stage("calling convention"):
+                        flat_inputs = _flatten_io(gm, model, args, kwargs, reference, name)
+                        _decompose_attention(gm, flat_inputs, name)
+                        functional.out_of_place(gm)
+                    with stage("reproduction check"):
+                        _reproduces(gm, flat_inputs, reference, model.training)
+                    # after the run that recorded every value's rank and dtype
+                    size_reads.as_dynamo_records(gm, keep={node for node, _ in decisions})
+                    _number(gm)
+                    with stage("shape guards"):
+                        guard = _shape_guard(gm, name, flat_inputs, decisions)
+                except Exception as e:  # each frontend fails in its own way; we keep the reason
+                    if gm is not None and gm.meta.get("fxbt_block_reuse", (0, 0))[0]:
+                        log.info("fxbt: the graph with repeated blocks reused failed (%s); tracing every block", e)
+                        continue  # the next attempt traces every block
+                    failures[name] = _short_reason(e)
+                    blockers.setdefault(name, blocker(e))
+                    log.info("fxbt: frontend %s failed: %s", name, failures[name])
+                    continue
+                cap = Capture(gm, name, failures, flat_inputs, shapes=guard, own_gradients=functions)
+                calls, traced = gm.meta.get("fxbt_block_reuse", (0, 0))
+                if calls > traced:
+                    cap.notes.append(f"{calls} calls of repeated blocks captured from {traced} trace(s) of a block")
+                if guard.static:
+                    cap.notes.append("input sizes pinned to the example's: the graph has an op without symbolic sizes")
+                return cap
     where = next((blockers[n] for n in ("dynamo", "fx", "hf_fx") if blockers.get(n)), None)
     raise CaptureError(failures, training=model.training, blocker=where)
 
 
-def _refuse_hooks(model) -> None:
+def _frontends_running_hooks(model, order: tuple) -> tuple:
+    """The frontends whose graph runs the model's forward hooks: all where it has none; dynamo, which traces
+    them, where submodules have some (fx makes a leaf module one node, its hooks left out); none for global
+    hooks, which would run around every op of a graph."""
     hooks = python_state.hooked(model)
-    if hooks:
-        raise _cannot_repeat(f"forward hooks on {', '.join(hooks[:3])}{' ...' if len(hooks) > 3 else ''}")
+    on = f"forward hooks on {', '.join(hooks[:3])}{' ...' if len(hooks) > 3 else ''}"
+    if not hooks:
+        return order
+    if "every module (global hooks)" in hooks or "dynamo" not in order:
+        raise _cannot_repeat(on)
+    return ("dynamo",)
 
 
 def _cannot_repeat(why: str) -> CaptureError:
-    """A graph holds the values its trace read and runs no Python: not a forward that changes its own values
-    (a step counter), nor hooks on submodules. Such calls are served by torch.compile (fxbt's backend), which
-    replays both, or by the model's own forward."""
+    """A graph holds the values its trace read and runs no Python: not a forward (or hook) that changes values of
+    its own (a step counter, a list of recorded activations), nor hooks no frontend traces. Such calls are served
+    by torch.compile (fxbt's backend), which replays them, or by the model's own forward."""
     return CaptureError({"every frontend": why + ": a graph cannot repeat them"},
                         advice="Calls run through torch.compile with the fxbt backend, or the model's own forward.")
+
+
+def _returns_a_cache() -> CaptureError:
+    return CaptureError({"every frontend": "the call returns a KV cache (a config has use_cache=True), which a graph, "
+                                           "captured with the cache off, would not return; use_cache=False gets one"},
+                        advice="Such calls run through torch.compile with the fxbt backend, which returns the cache. "
+                               "Pass use_cache=False, or set config.use_cache=False, for fxbt's own graphs.")
+
+
+def _output_with_cache(model, args, kwargs):
+    """The structure of the call's output with the model's KV cache as configured, where a config switches one
+    on (``cache_off`` would change the call); None where none does. A decoder called plainly returns its cache,
+    and a caller may feed it back: a graph captured with the cache off would silently return none."""
+    if not any(c.use_cache for c in _cache_configs(model)):
+        return None
+    return pytree.tree_structure(_seeded(model.training, lambda: model(*args, **kwargs)))
 
 
 @contextlib.contextmanager
@@ -274,8 +302,7 @@ def cache_off(model: torch.nn.Module):
     Sub-models keep configs of their own (T5's decoder stack copies its config), so every config
     reachable from the model's modules is switched, and restored afterwards.
     """
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
-               and getattr(c, "use_cache", None) is not None}
+    configs = {id(c): c for c in _cache_configs(model)}
     saved = {key: c.use_cache for key, c in configs.items()}
     for c in configs.values():
         c.use_cache = False
@@ -284,6 +311,11 @@ def cache_off(model: torch.nn.Module):
     finally:
         for key, c in configs.items():
             c.use_cache = saved[key]
+
+
+def _cache_configs(model: torch.nn.Module) -> list:
+    return [c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+            and getattr(c, "use_cache", None) is not None]
 
 
 def _concrete_defaults(model, args, kwargs) -> tuple[list[str], dict[str, Any]]:

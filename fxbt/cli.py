@@ -25,21 +25,29 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.ind
 
 
 def load_model(path: Path):
-    """The model at ``path``: a config.json builds it with random weights, a model folder loads its own."""
+    """The model at ``path``: a config.json builds it with random weights, a model folder loads its own. Its
+    KV cache is off: a decoder returning its cache would be served by torch.compile, with no one graph to show."""
     if path.is_dir():
         _check_model_folder(path)
         from transformers import AutoModel
 
         with _transformers_errors(path):
-            return AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
+            return _cache_off(AutoModel.from_pretrained(str(path), attn_implementation="eager").eval())
     if path.is_file():
         read_config(path)
         from transformers import AutoConfig, AutoModel
 
         with _transformers_errors(path):
             config = AutoConfig.from_pretrained(str(path))
-            return AutoModel.from_config(config, attn_implementation="eager").eval()
+            return _cache_off(AutoModel.from_config(config, attn_implementation="eager").eval())
     raise FxbtError(f"{path} does not exist: pass a config.json (random weights) or a model folder")
+
+
+def _cache_off(model):
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "use_cache", None):
+            module.config.use_cache = False
+    return model
 
 
 def read_config(path: Path) -> dict:

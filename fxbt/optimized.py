@@ -235,8 +235,9 @@ class Optimized:
         captured; not where the caller chose a frontend, or for a model in training mode (eval() is the fix)."""
         if self.options.frontend is not None or error.training:
             return False
-        where = f"blocked at {error.blocker}" if error.blocker else error.short()
-        self.uncaptured[key] = f"a call no frontend captures as one graph ({where}); dynamo breaks the graph there"
+        self.uncaptured[key] = (f"a call no frontend captures as one graph (blocked at {error.blocker}); dynamo "
+                                "breaks the graph there" if error.blocker else f"a call no graph of fxbt's serves "
+                                                                                f"({error.short()})")
         self.history.append(f"no one graph: {error.short()}; calls of this kind run through torch.compile")
         return True
 

@@ -2,10 +2,13 @@
 
 A captured graph holds the values its trace read as constants: a module's ``scale`` or ``eps``, a flag,
 a config field (``config.output_hidden_states``), an activation chosen by attribute, a global of the
-forward's module; it runs no hook of a submodule and no ``forward`` set on one. So a graph may serve a
-call only while all of these are what they were when it was captured (`PythonState`, checked on every
-call with the other guards). A forward that changes such a value itself (a step counter) cannot be
-repeated by a graph at all (`changes_itself`); nor can hooks on submodules be run by one (`hooked`).
+forward's module; it runs no ``forward`` set on a submodule. So a graph may serve a call only while all of
+these are what they were when it was captured (`PythonState`, checked on every call with the other guards).
+A forward that changes such a value itself (a step counter, an attention map it stores on ``self``) cannot
+be repeated by a graph at all (`changes_itself`). Forward hooks on submodules are traced into the graph by dynamo, the only frontend that
+runs them (`hooked`); the values their closures and code read are guarded like a module's, and a hook that
+changes anything outside the call (appends to a list, stores an activation on a module) cannot be repeated
+by a graph either.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import copy
 import dis
 import enum
 import types
+from collections.abc import Mapping
 from operator import itemgetter
 
 import torch
@@ -50,6 +54,37 @@ def _tuple_getter(keys):
     return itemgetter(*keys) if len(keys) > 1 else (lambda d, k=keys[0]: (d[k],))
 
 
+class _Cells(Mapping):
+    """A function's closure read like a namespace: each free variable's value now (a hook's ``scale``)."""
+
+    def __init__(self, fn: types.FunctionType):
+        self.cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+
+    def __getitem__(self, name):
+        try:
+            return self.cells[name].cell_contents
+        except ValueError:  # a free variable not bound yet
+            raise KeyError(name) from None
+
+    def __setitem__(self, name, value):
+        self.cells[name].cell_contents = value
+
+    def __iter__(self):
+        return (name for name in self.cells if name in self)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _contents(value):
+    """What a container holds, by identity: a list a hook appends to is the same list with more in it."""
+    if isinstance(value, (list, set, frozenset, tuple)):
+        return tuple(map(id, value))
+    if isinstance(value, dict):
+        return tuple((id(k), id(v)) for k, v in value.items())
+    return None
+
+
 class _Namespace:
     """One ``__dict__`` (or globals) at some keys: the plain values there, compared by value against a copy, and
     the objects at the others, compared by identity; and its size (None: not checked)."""
@@ -64,7 +99,7 @@ class _Namespace:
         self._values_of, self._objects_of = _tuple_getter(self.plain), _tuple_getter(self.other)
 
     def values_hold(self) -> bool:
-        """The plain values alone (a forward replacing a cached tensor on ``self`` changes no plain value)."""
+        """The plain values alone."""
         try:
             return self._values_of(self.d) == self.values
         except KeyError:
@@ -77,10 +112,21 @@ class _Namespace:
         except KeyError:
             return False
 
+    def contents(self) -> tuple:
+        return tuple(_contents(v) for v in self.kept)
+
     def restore(self) -> None:
         for key, was in zip(self.plain, self.values):
-            if self.d.get(key, _ABSENT) != was:
+            now = self.d.get(key, _ABSENT)
+            if now == was:
+                continue
+            if type(now) is not type(was) or not isinstance(now, (list, dict, set)):
                 self.d[key] = copy.deepcopy(was)
+            elif isinstance(now, list):  # the same container refilled: others (a hook's caller) hold it too
+                now[:] = copy.deepcopy(was)
+            else:
+                now.clear()
+                now.update(copy.deepcopy(was))
 
     def failing(self) -> str:
         for key in self.plain + self.other:
@@ -111,13 +157,42 @@ class PythonState:
             self._add(vars(module), label, [k for k in vars(module) if k not in _MODULE_OWN and k not in skip], seen, 0)
             self.registries.append((module._modules, tuple(module._modules), f"the submodules of {label}"))
             if module is not model:  # the root's hooks run around the dispatcher, as ever
-                self.registries += [(getattr(module, h), tuple(getattr(module, h)), f"the hooks of {label}")
-                                    for h in _HOOKS]
+                for h in _HOOKS:
+                    hooks = getattr(module, h)
+                    self.registries.append((hooks, tuple(hooks), f"the hooks of {label}"))
+                    for hook in hooks.values():
+                        self._add_function(hook, f"a hook of {label}", seen, 0)
         for fn in {type(m).forward for m in model.modules()}:
-            globs, names = _globals_read(fn)
-            plain = [n for n in names if _plain(globs[n])]
-            if plain:  # a module's globals grow as it imports: only these names matter, not its size
-                self.spaces.append(_Namespace(globs, f"a global of {getattr(fn, '__module__', '?')}", plain, False))
+            self._add_globals(fn)
+
+    def _add_globals(self, fn) -> None:
+        globs, names = _globals_read(fn)
+        plain = [n for n in names if _plain(globs[n])]
+        if plain:  # a module's globals grow as it imports: only these names matter, not its size
+            self.spaces.append(_Namespace(globs, f"a global of {getattr(fn, '__module__', '?')}", plain, False))
+
+    def _add_function(self, fn, label: str, seen: set, depth: int) -> None:
+        """A hook: its closure's values and the objects in it, the plain globals its code reads, and the same of
+        the functions it closes over; a bound method's object, a callable object's fields."""
+        owner = getattr(fn, "__self__", None)
+        if owner is not None and _read_through(owner) and id(owner) not in seen:
+            seen.add(id(owner))
+            self._add(vars(owner), f"{label} (its object)", list(vars(owner)), seen, depth + 1)
+        fn = getattr(fn, "__func__", fn)
+        if not isinstance(fn, types.FunctionType):
+            if _read_through(fn) and id(fn) not in seen:
+                seen.add(id(fn))
+                self._add(vars(fn), label, list(vars(fn)), seen, depth + 1)
+            return
+        if id(fn) in seen:
+            return
+        seen.add(id(fn))
+        self._add_globals(fn)
+        cells = _Cells(fn)
+        self._add(cells, label, list(cells), seen, depth)
+        for name in cells:
+            if isinstance(cells[name], (types.FunctionType, types.MethodType)) and depth < _DEPTH:
+                self._add_function(cells[name], label, seen, depth + 1)
 
     def _add(self, d: dict, label: str, keys, seen: set, depth: int) -> None:
         self.spaces.append(_Namespace(d, label, keys))
@@ -162,7 +237,7 @@ def _globals_read(fn) -> tuple[dict, list[str]]:
 
 
 def hooked(model: torch.nn.Module) -> list[str]:
-    """Submodules with forward hooks, and global module hooks: a graph runs none of them."""
+    """Submodules with forward hooks, and global module hooks: only dynamo traces them into a graph."""
     found = [path for path, m in model.named_modules() if m is not model and (m._forward_hooks or m._forward_pre_hooks)]
     from torch.nn.modules import module as nn_module
 
@@ -172,9 +247,13 @@ def hooked(model: torch.nn.Module) -> list[str]:
 
 
 def changes_itself(model: torch.nn.Module, run) -> list[str]:
-    """The plain values of the model (and of the objects it holds) that ``run()``, a call of its forward, changes:
-    a step counter, a flag it flips. Call it after a first call, which may fill caches: a second must change
-    none. Tensors a forward keeps on ``self`` (rotary tables) are caches the graph reads as they were."""
+    """What ``run()``, a call of the model's forward, changes of the model's values, the objects it holds and its
+    hooks': a step counter, a flag it flips, a tensor it stores on ``self`` (attention maps kept for a look
+    later), a list a hook appends to. Call it after a first call, which may fill caches (rotary tables built on
+    first use): a second must change nothing, for a graph changes nothing."""
     before = PythonState(model)
+    contents = [s.contents() for s in before.spaces]
     run()
-    return [s.failing() for s in before.spaces if not s.values_hold()]
+    changed = [s.failing() or f"{s.label} changed" for s, was in zip(before.spaces, contents)
+               if not s.holds() or s.contents() != was]
+    return changed + [f"{what} were added or removed" for d, keys, what in before.registries if tuple(d) != keys]

@@ -69,7 +69,7 @@ def test_graph_breaks_each_graph_is_rewritten():
 def test_greedy_generation_matches_eager_with_every_step_rewritten(name, monkeypatch):
     from transformers import AutoModelForCausalLM
     from fxbt.backend import reports
-    config = zoo.SPECS[name].build().config
+    config = zoo.SPECS[name].build(use_cache=True).config
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     ids = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))

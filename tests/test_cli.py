@@ -35,6 +35,16 @@ def test_optimize_a_config_prints_the_report(tmp_path):
     assert f"{zoo.L + 1} rewritten" in out.stdout  # each attention, and the stack around them on real tokens
 
 
+def test_a_decoder_config_exports_its_graph(tmp_path):
+    """GPT-2's config has use_cache=True, with which the model returns a KV cache that no graph returns: the
+    command builds it with the cache off, so there is one graph to report and export."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(zoo.SPECS["gpt2"].build(use_cache=True).config.to_dict()))
+    out = run("export", str(path), "--format", "python", "--out", str(tmp_path / "out"), "--batch", "2", "--seq", "8")
+    assert out.returncode == 0, out.stderr
+    assert "padding_free" in out.stdout and (tmp_path / "out" / "module.py").is_file()
+
+
 def test_a_bad_path_is_one_clear_line(tmp_path):
     out = run("optimize", str(tmp_path / "missing.json"))
     assert out.returncode == 2 and out.stderr.startswith("fxbt: ") and "Traceback" not in out.stderr

@@ -199,8 +199,8 @@ class _OwnGelu(torch.autograd.Function):
 
 
 def test_a_call_run_by_the_models_own_forward_returns_what_the_graph_returns():
-    """A decoder with its own gradients: a call recording them runs the model's forward, which on its own
-    returns a KV cache; the graph was captured without one, so that call returns none either."""
+    """A decoder with its own gradients: a call recording them runs the model's own forward, and returns what
+    the graph returns (the zoo builds it with its cache off; with it on, its calls run through torch.compile)."""
     spec = zoo.SPECS["gpt2"]
     model = spec.build()
     for block in model.h:

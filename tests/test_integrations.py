@@ -66,6 +66,21 @@ def test_a_batch_encoding_is_an_example_and_a_submodule_can_be_optimized(tokeniz
     assert fxbt.report(model.bert).rewritten("padding_free")
 
 
+def test_a_model_that_refuses_the_built_example_is_captured_on_its_first_call():
+    """GPT-2 classification without a pad token refuses batches of more than one sequence, as fxbt's built
+    example is: optimize leaves the capture to the first call instead of raising."""
+    config = zoo.SPECS["gpt2"].build().config
+    config.pad_token_id = None
+    torch.manual_seed(0)
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    optimized = fxbt.optimize(model, inplace=False)
+    assert "refused by the model" in fxbt.report(optimized).history[0]
+    ids = torch.randint(3, zoo.VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert (optimized(ids).logits - model(ids).logits).abs().max() < TOL
+    assert len(fxbt.report(optimized).reports) == 1
+
+
 def test_to_and_half_are_the_model_s_own(tokenizer):
     model = _bert_with_vocab(transformers.BertModel, tokenizer)
     fxbt.optimize(model)
@@ -130,7 +145,7 @@ def test_text_generation_pipeline_and_generate_with_left_padding(tokenizer):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_generate_greedy_and_beam_search_equal_transformers_with_left_padding(name):
-    config = zoo.SPECS[name].build().config
+    config = zoo.SPECS[name].build(use_cache=True).config
     torch.manual_seed(0)
     lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     ids = torch.randint(3, zoo.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))

@@ -461,7 +461,8 @@ _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_
 
 
 @pytest.mark.parametrize("model_class,config_class,config,note", [
-    ("FalconModel", "FalconConfig", dict(_SMALL, num_kv_heads=2, new_decoder_architecture=True), "2 attentions"),
+    ("FalconModel", "FalconConfig", dict(_SMALL, num_kv_heads=2, new_decoder_architecture=True,
+                                                 use_cache=False), "2 attentions"),
     ("MptModel", "MptConfig", dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64,
                                    vocab_size=99), "2 attentions"),
     ("DebertaV2Model", "DebertaV2Config", dict(_SMALL, intermediate_size=64, relative_attention=True,

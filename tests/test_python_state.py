@@ -150,6 +150,70 @@ def test_unchanged_values_keep_the_graph():
     assert not any(h.startswith("specialization dropped") for h in model.forward.dispatcher.history)
 
 
+def _scaling_hook():
+    """A hook computing from its closure, and a way to change what it closes over."""
+    factor = 2.0
+
+    def hook(module, args, out):
+        return out * factor
+
+    def set_factor(value):
+        nonlocal factor
+        factor = value
+
+    return hook, set_factor
+
+
+def test_a_hook_is_traced_into_the_graph_and_its_closure_is_guarded():
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    hook, set_factor = _scaling_hook()
+    for m in (model, reference):
+        m.layers[0].out.register_forward_hook(hook)
+    fxbt.optimize(model, _inputs(2, 5))
+    x, mask = _inputs()
+    with torch.no_grad():
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL
+        report = fxbt.report(model)
+        assert report.reports and not report.compiled and report.rewritten("padding_free")
+        set_factor(0.5)
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert any("a hook of layers.0.out" in h for h in model.forward.dispatcher.history)
+
+
+def _recorder(store):
+    def hook(module, args, out):
+        store.append(out.detach().clone())
+    return hook
+
+
+def _keeper(module, args, out):
+    module.kept = out.detach().clone()
+
+
+def test_a_hook_that_records_keeps_recording():
+    """A graph cannot append to a list or store an activation: such calls run through torch.compile, which does."""
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    recorded, wanted = [], []
+    model.layers[1].register_forward_hook(_recorder(recorded))
+    reference.layers[1].register_forward_hook(_recorder(wanted))
+    for m in (model, reference):
+        m.layers[0].register_forward_hook(_keeper)
+    fxbt.optimize(model, _inputs(2, 5))
+    recorded.clear()
+    x, mask = _inputs()
+    with torch.no_grad():
+        for _ in range(2):
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert len(recorded) == len(wanted) == 2
+    assert all(_error(a, b, mask) < TOL for a, b in zip(recorded, wanted))
+    assert _error(model.layers[0].kept, reference.layers[0].kept, mask) < TOL
+    assert any("changes values of its own" in h for h in model.forward.dispatcher.history)
+
+
 class Counting(nn.Module):
     """A forward that changes a value of its own on every call: a graph cannot repeat that."""
 
@@ -175,6 +239,31 @@ def test_a_forward_that_counts_its_calls_is_not_frozen_into_a_graph():
             assert _error(model(x, mask), reference(x, mask), mask) < TOL
     assert model.calls == reference.calls == 2
     assert any("changes values of its own" in h for h in model.forward.dispatcher.history)
+
+
+class KeepsItsAttention(Block):
+    """Stores its attention probabilities on ``self`` on every call, for a look at them later."""
+
+    def forward(self, x, bias):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, s, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        self.probs = ((q @ k.transpose(-1, -2)) * self.scale + bias).softmax(-1)
+        return x + self.out((self.probs @ v).transpose(1, 2).reshape(b, s, DIM))
+
+
+def test_a_tensor_the_forward_stores_on_itself_is_stored_on_every_call():
+    torch.manual_seed(0)
+    model = Model()
+    model.layers[1] = KeepsItsAttention(model.settings)
+    model.eval()
+    reference = copy.deepcopy(model)
+    fxbt.optimize(model, _inputs(2, 5))
+    x, mask = _inputs()
+    with torch.no_grad():
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert model.layers[1].probs.shape == reference.layers[1].probs.shape == (3, HEADS, 7, 7)
+    assert (model.layers[1].probs - reference.layers[1].probs).abs().max() < TOL
+    assert any("layers.1.probs was replaced" in h for h in model.forward.dispatcher.history)
 
 
 class WritesItsInput(nn.Module):

@@ -30,7 +30,9 @@ class Spec:
     declined: str | None = None
 
     def build(self, attn="eager", **overrides) -> torch.nn.Module:
-        config = AutoConfig.for_model(self.model_type, **{**self.config, **overrides})
+        """The model, its KV cache off unless ``use_cache=True`` is given: a decoder called with its cache on
+        returns the cache, and fxbt serves such calls through torch.compile (tests/test_kv_cache.py)."""
+        config = AutoConfig.for_model(self.model_type, **{"use_cache": False, **self.config, **overrides})
         torch.manual_seed(0)
         cls = getattr(transformers, self.model_class) if self.model_class else AutoModel
         build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
