@@ -151,6 +151,7 @@ class PythonState:
         self.spaces: list[_Namespace] = []
         self.registries = []  # (a module's hooks or submodules dict, its keys, what it is)
         seen: set[int] = set()
+        functions = {type(m).forward for m in model.modules()}  # code whose globals (and callees') are read
         for path, module in model.named_modules():
             label = path or type(model).__name__
             skip = ("forward",) if module is model else ()  # the root's forward is fxbt's dispatcher
@@ -161,17 +162,12 @@ class PythonState:
                     hooks = getattr(module, h)
                     self.registries.append((hooks, tuple(hooks), f"the hooks of {label}"))
                     for hook in hooks.values():
-                        self._add_function(hook, f"a hook of {label}", seen, 0)
-        for fn in {type(m).forward for m in model.modules()}:
-            self._add_globals(fn)
+                        self._add_function(hook, f"a hook of {label}", seen, 0, functions)
+        for globs, names, where in _plain_globals_read(functions):
+            # a module's globals grow as it imports: only these names matter, not its size
+            self.spaces.append(_Namespace(globs, f"a global of {where}", sorted(names), False))
 
-    def _add_globals(self, fn) -> None:
-        globs, names = _globals_read(fn)
-        plain = [n for n in names if _plain(globs[n])]
-        if plain:  # a module's globals grow as it imports: only these names matter, not its size
-            self.spaces.append(_Namespace(globs, f"a global of {getattr(fn, '__module__', '?')}", plain, False))
-
-    def _add_function(self, fn, label: str, seen: set, depth: int) -> None:
+    def _add_function(self, fn, label: str, seen: set, depth: int, functions: set) -> None:
         """A hook: its closure's values and the objects in it, the plain globals its code reads, and the same of
         the functions it closes over; a bound method's object, a callable object's fields."""
         owner = getattr(fn, "__self__", None)
@@ -187,12 +183,12 @@ class PythonState:
         if id(fn) in seen:
             return
         seen.add(id(fn))
-        self._add_globals(fn)
+        functions.add(fn)
         cells = _Cells(fn)
         self._add(cells, label, list(cells), seen, depth)
         for name in cells:
             if isinstance(cells[name], (types.FunctionType, types.MethodType)) and depth < _DEPTH:
-                self._add_function(cells[name], label, seen, depth + 1)
+                self._add_function(cells[name], label, seen, depth + 1, functions)
 
     def _add(self, d: dict, label: str, keys, seen: set, depth: int) -> None:
         self.spaces.append(_Namespace(d, label, keys))
@@ -220,6 +216,31 @@ class PythonState:
             if tuple(d) != keys:
                 return f"{what} were added or removed"
         return ""
+
+
+def _plain_globals_read(functions) -> list[tuple[dict, set, str]]:
+    """(globals, the plain names read from them, whose they are) for the code of ``functions`` and of the
+    functions they call by a global name (``apply_rotary_pos_emb``), and theirs: a constant of a helper counts."""
+    found: dict[int, tuple[dict, set, str]] = {}
+    seen: set[int] = set()
+    todo = [(fn, 0) for fn in functions]
+    while todo:
+        fn, depth = todo.pop()
+        fn = getattr(fn, "__func__", fn)
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        globs, names = _globals_read(fn)
+        if not names:
+            continue
+        _, plain, _ = found.setdefault(id(globs), (globs, set(), getattr(fn, "__module__", None) or "?"))
+        for name in names:
+            value = globs[name]
+            if _plain(value):
+                plain.add(name)
+            elif isinstance(value, types.FunctionType) and depth < _DEPTH:
+                todo.append((value, depth + 1))
+    return [entry for entry in found.values() if entry[1]]
 
 
 def _globals_read(fn) -> tuple[dict, list[str]]:

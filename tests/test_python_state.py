@@ -17,6 +17,7 @@ from test_encoder import real_token_error
 
 DIM, HEADS = 16, 2
 GLOBAL_TEMPERATURE = 1.0  # read by Block.forward as a global
+MASKED_SCORE = -10000.0  # read by a helper Model.forward calls
 TOL = 1e-5
 
 
@@ -51,10 +52,15 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(self.settings) for _ in range(layers))
 
     def forward(self, x, mask):
-        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        bias = _padding_bias(mask, x.dtype)
         for layer in self.layers:
             x = layer(x, bias)
         return x
+
+
+def _padding_bias(mask, dtype):
+    """A helper the forward calls, reading a global of its own."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * MASKED_SCORE
 
 
 def _error(a, b, mask) -> float:
@@ -135,6 +141,20 @@ def test_a_global_the_forward_reads_changed_after_optimize_is_followed():
     finally:
         GLOBAL_TEMPERATURE = 1.0
     assert any("global" in h for h in model.forward.dispatcher.history), model.forward.dispatcher.history
+
+
+def test_a_global_a_helper_reads_changed_after_optimize_is_followed():
+    global MASKED_SCORE
+    model, reference = _pair()
+    x, mask = _inputs()
+    try:
+        MASKED_SCORE = -1.0  # padded keys now get weight: every output changes
+        with torch.no_grad():
+            want = reference(x, mask)
+            assert (model(x, mask) - want).abs().max() < TOL
+    finally:
+        MASKED_SCORE = -10000.0
+    assert any("MASKED_SCORE" in h for h in model.forward.dispatcher.history), model.forward.dispatcher.history
 
 
 def test_unchanged_values_keep_the_graph():
