@@ -12,6 +12,7 @@ here too (`compile_route`).
 from __future__ import annotations
 
 import sys
+import types
 from typing import Callable
 
 import torch
@@ -152,4 +153,19 @@ def compile_route(forward, options, sink: list, reason: Callable[[], str]):
         return rewrite(gm, example_inputs, options.patterns, {"encoder_impl": options.encoder_impl}, sink,
                        reason=reason()).forward
 
-    return torch.compile(forward, backend=backend, dynamic=True)
+    return torch.compile(_with_code_of_its_own(forward), backend=backend, dynamic=True)
+
+
+def _with_code_of_its_own(forward):
+    """``forward`` (a bound method) as a function with a code object of its own. Dynamo keeps compiled code,
+    and a limit of recompilations (``recompile_limit``, 8), per code object; the forwards of every model of a
+    class share one (transformers' decorated forwards: one per decorator), so past the eighth optimized model
+    dynamo would silently run the forward uncompiled."""
+    fn = getattr(forward, "__func__", forward)
+    if not isinstance(fn, types.FunctionType):
+        return forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__qualname__, own.__module__ = fn.__kwdefaults__, fn.__qualname__, fn.__module__
+    own.__dict__.update(fn.__dict__)  # __wrapped__, __signature__
+    owner = getattr(forward, "__self__", None)
+    return types.MethodType(own, owner) if owner is not None else own

@@ -69,3 +69,18 @@ def test_an_encoder_whose_config_caches_keeps_its_graph():
     report = fxbt.report(optimized)
     assert report.reports and not report.compiled
     assert report.rewritten("padding_free")
+
+
+def test_every_model_of_a_class_gets_its_compiled_calls():
+    """Dynamo keeps compiled code, and at most ``recompile_limit`` (8) recompilations, per code object, and models
+    of one class share their forward's: without a code object per optimized model, the ninth model's calls ran
+    uncompiled, silently."""
+    spec = zoo.SPECS["llama"]
+    prompt, _ = _prompt_and_step(spec)
+    for seed in range(torch._dynamo.config.recompile_limit + 1):
+        torch.manual_seed(seed)
+        model = spec.build(use_cache=True, num_hidden_layers=1)
+        optimized = fxbt.optimize(model, inplace=False)
+        with torch.no_grad():
+            assert optimized(**prompt).past_key_values is not None
+        assert fxbt.report(optimized).compiled, f"model {seed}: no call ran a compiled graph"
