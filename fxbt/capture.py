@@ -165,14 +165,16 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str | None = None)
 
 def _frontends_running_hooks(model, order: tuple) -> tuple:
     """The frontends whose graph runs the model's forward hooks: all where it has none; dynamo, which traces
-    them, where submodules have some (fx makes a leaf module one node, its hooks left out); none for global
-    hooks, which would run around every op of a graph."""
+    them, where submodules have hooks whose every read the guard checks (fx makes a leaf module one node, its
+    hooks left out); none for global hooks, or hooks that read what the guard cannot see (an object's field, a
+    partial's arguments, an external module): those calls run through torch.compile, whose guards see them."""
     hooks = python_state.hooked(model)
-    on = f"forward hooks on {', '.join(hooks[:3])}{' ...' if len(hooks) > 3 else ''}"
     if not hooks:
         return order
-    if "every module (global hooks)" in hooks or "dynamo" not in order:
-        raise _cannot_repeat(on)
+    opaque = python_state.opaque_hooks(model)
+    if opaque or "dynamo" not in order:
+        where = opaque or hooks
+        raise _cannot_repeat(f"forward hooks on {', '.join(where[:3])}{' ...' if len(where) > 3 else ''}")
     return ("dynamo",)
 
 

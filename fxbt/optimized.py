@@ -29,7 +29,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import own_gradients, recompute
+from . import own_gradients, python_state, recompute
 from .errors import CaptureError, FxbtError, InputError
 from .guards import Signature, StateGuard, call_key, describe_key_difference, is_opaque, opaque_types
 from .python_state import PythonState
@@ -217,6 +217,8 @@ class Optimized:
                 raise
             from .capture import inputs_kept
 
+            if python_state.hooked(self.model):  # a run would call hooks, which may record: the first call compiles
+                return None
             # compiled, rewritten and verified now, as a specialization would be; the example and the model's own
             # values (a step counter) left as they were
             kept = PythonState(self.model)
@@ -258,9 +260,15 @@ class Optimized:
 
     def _compiled_call(self, args, kwargs, why: str):
         self.compile_reason = why
+        if self.compiled is not None and not python_state.registries_hold(self.compiled_registries):
+            # dynamo does not guard on module hooks (skip_nnmodule_hook_guards): its code would run without a
+            # hook added since, or with one removed
+            self.history.append("torch.compile's graphs dropped: hooks or submodules were added or removed")
+            self.compiled = None
         if self.compiled is None:
             from .backend import compile_route
 
+            self.compiled_registries = python_state.registries(self.model)
             self.compiled = compile_route(self.own_forward, self.options, self.compiled_reports,
                                           lambda: self.compile_reason)
         try:
@@ -271,7 +279,7 @@ class Optimized:
             return self._original(args, kwargs, f"torch.compile raised {type(e).__name__}: {e}")
 
     def __getstate__(self):  # reached only through a copy of fxbt's own objects, never the model's
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "compiled")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "compiled", "compiled_registries")}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.RLock(), compiled=None)
@@ -348,13 +356,23 @@ def uninstall(module: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def detached(model: torch.nn.Module):
-    """The model's own forward for the duration, also when fxbt optimized it (capture traces the model)."""
+    """The model's own forward for the duration, also when fxbt optimized it (capture traces the model), and
+    none of the model's own hooks: they run around the dispatcher, as around any forward, so a graph that
+    holds them would have them run twice."""
     dispatcher = installed(model)
-    if dispatcher is None:
-        yield model
-        return
-    model.forward = dispatcher.own_forward
+    hooks = {name: getattr(model, name) for name in _ROOT_HOOKS}
+    for name, found in hooks.items():
+        setattr(model, name, type(found)())
+    if dispatcher is not None:
+        model.forward = dispatcher.own_forward
     try:
         yield model
     finally:
-        model.forward = OptimizedForward(dispatcher)
+        if dispatcher is not None:
+            model.forward = OptimizedForward(dispatcher)
+        for name, found in hooks.items():
+            setattr(model, name, found)
+
+
+_ROOT_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")

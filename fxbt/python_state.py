@@ -25,6 +25,11 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.
           type, range, slice)
 _MODULE_OWN = frozenset(vars(torch.nn.Module())) - {"training"}  # what every module keeps for itself
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+# globals holding state a library's forward sets and resets within every call: transformers 5's output
+# recorder, whose hooks record only while the forward asking for hidden states runs (the call's key says so)
+_PER_CALL_STATE = {"transformers.utils.output_capturing": ("_active_collector",)}
 _DEPTH = 2  # objects held by a module (a config), and theirs (a sub-config), are read through
 _MAX_FIELDS = 512  # beyond this an object is compared by identity alone
 _ABSENT = object()
@@ -76,12 +81,15 @@ class _Cells(Mapping):
         return sum(1 for _ in self)
 
 
-def _contents(value):
-    """What a container holds, by identity: a list a hook appends to is the same list with more in it."""
+def _contents(value, depth: int = 0):
+    """What a container holds, by identity, and what the containers in it hold: a list a forward appends to
+    (``self.maps[name].append(...)``) is the same list with more in it."""
+    if depth > _DEPTH:
+        return None
     if isinstance(value, (list, set, frozenset, tuple)):
-        return tuple(map(id, value))
+        return tuple((id(v), _contents(v, depth + 1)) for v in value)
     if isinstance(value, dict):
-        return tuple((id(k), id(v)) for k, v in value.items())
+        return tuple((id(k), id(v), _contents(v, depth + 1)) for k, v in value.items())
     return None
 
 
@@ -97,6 +105,7 @@ class _Namespace:
         self.kept = tuple(d[k] for k in self.other)  # the objects stay alive, so their ids stay theirs
         self._ids = tuple(map(id, self.kept))
         self._values_of, self._objects_of = _tuple_getter(self.plain), _tuple_getter(self.other)
+        self._keys = frozenset(d) if sized else None
 
     def values_hold(self) -> bool:
         """The plain values alone."""
@@ -116,6 +125,15 @@ class _Namespace:
         return tuple(_contents(v) for v in self.kept)
 
     def restore(self) -> None:
+        """Plain values as they were (a container refilled in place), objects back where they were, and, in a
+        namespace read whole, tensors stored since removed (an activation a hook stored on its module; not the
+        flags a library sets once, as transformers does when it installs its hooks, which stay installed)."""
+        for key, was in zip(self.other, self.kept):
+            if self.d.get(key, _ABSENT) is not was:
+                self.d[key] = was
+        if self.size is not None and len(self.d) != self.size:
+            for key in [k for k, v in self.d.items() if k not in self._keys and isinstance(v, torch.Tensor)]:
+                del self.d[key]
         for key, was in zip(self.plain, self.values):
             now = self.d.get(key, _ABSENT)
             if now == was:
@@ -149,21 +167,17 @@ class PythonState:
 
     def __init__(self, model: torch.nn.Module):
         self.spaces: list[_Namespace] = []
-        self.registries = []  # (a module's hooks or submodules dict, its keys, what it is)
         seen: set[int] = set()
         functions = {type(m).forward for m in model.modules()}  # code whose globals (and callees') are read
+        self.registries = registries(model)
         for path, module in model.named_modules():
             label = path or type(model).__name__
             skip = ("forward",) if module is model else ()  # the root's forward is fxbt's dispatcher
             self._add(vars(module), label, [k for k in vars(module) if k not in _MODULE_OWN and k not in skip], seen, 0)
-            self.registries.append((module._modules, tuple(module._modules), f"the submodules of {label}"))
             if module is not model:  # the root's hooks run around the dispatcher, as ever
-                for h in _HOOKS:
-                    hooks = getattr(module, h)
-                    self.registries.append((hooks, tuple(hooks), f"the hooks of {label}"))
-                    for hook in hooks.values():
-                        self._add_function(hook, f"a hook of {label}", seen, 0, functions)
-        for globs, names, where in _plain_globals_read(functions):
+                for hook in (h for name in _HOOKS for h in getattr(module, name).values()):
+                    self._add_function(hook, f"a hook of {label}", seen, 0, functions)
+        for globs, names, where in _globals_read_by(functions):
             # a module's globals grow as it imports: only these names matter, not its size
             self.spaces.append(_Namespace(globs, f"a global of {where}", sorted(names), False))
 
@@ -201,7 +215,7 @@ class PythonState:
                 self._add(vars(value), f"{label}.{key}", list(vars(value)), seen, depth + 1)
 
     def holds(self) -> bool:
-        return all(s.holds() for s in self.spaces) and all(tuple(d) == keys for d, keys, _ in self.registries)
+        return all(s.holds() for s in self.spaces) and registries_hold(self.registries)
 
     def restore(self) -> None:
         """Put back the plain values (numbers, flags, ...) that changed since the snapshot."""
@@ -218,9 +232,10 @@ class PythonState:
         return ""
 
 
-def _plain_globals_read(functions) -> list[tuple[dict, set, str]]:
-    """(globals, the plain names read from them, whose they are) for the code of ``functions`` and of the
-    functions they call by a global name (``apply_rotary_pos_emb``), and theirs: a constant of a helper counts."""
+def _globals_read_by(functions) -> list[tuple[dict, set, str]]:
+    """(globals, the names read from them, whose they are) for the code of ``functions`` and of the functions
+    they call by a global name (``apply_rotary_pos_emb``), and theirs: a helper's constant counts, and so does a
+    global list a hook appends to, or a helper replaced after capture."""
     found: dict[int, tuple[dict, set, str]] = {}
     seen: set[int] = set()
     todo = [(fn, 0) for fn in functions]
@@ -236,9 +251,9 @@ def _plain_globals_read(functions) -> list[tuple[dict, set, str]]:
         _, plain, _ = found.setdefault(id(globs), (globs, set(), getattr(fn, "__module__", None) or "?"))
         for name in names:
             value = globs[name]
-            if _plain(value):
+            if not isinstance(value, types.ModuleType):  # ``torch``, ``F``: the same module as long as we run
                 plain.add(name)
-            elif isinstance(value, types.FunctionType) and depth < _DEPTH:
+            if isinstance(value, types.FunctionType) and depth < _DEPTH:
                 todo.append((value, depth + 1))
     return [entry for entry in found.values() if entry[1]]
 
@@ -257,14 +272,76 @@ def _globals_read(fn) -> tuple[dict, list[str]]:
     return globs, sorted(names)
 
 
+def registries(model: torch.nn.Module) -> list[tuple[dict, tuple, str]]:
+    """(dict, its keys now, what it is) for every module's submodules and (but the root's, which run around
+    fxbt's dispatcher) hooks, and torch's global module hooks, which run on every module of the model."""
+    from torch.nn.modules import module as nn_module
+
+    found = [(getattr(nn_module, name), tuple(getattr(nn_module, name)), "torch's global module hooks")
+             for name in _GLOBAL_HOOKS]
+    for path, module in model.named_modules():
+        label = path or type(model).__name__
+        found.append((module._modules, tuple(module._modules), f"the submodules of {label}"))
+        if module is not model:
+            found += [(getattr(module, h), tuple(getattr(module, h)), f"the hooks of {label}") for h in _HOOKS]
+    return found
+
+
+def registries_hold(found) -> bool:
+    return all(tuple(d) == keys for d, keys, _ in found)
+
+
 def hooked(model: torch.nn.Module) -> list[str]:
-    """Submodules with forward hooks, and global module hooks: only dynamo traces them into a graph."""
+    """Submodules with forward hooks, and global module hooks."""
     found = [path for path, m in model.named_modules() if m is not model and (m._forward_hooks or m._forward_pre_hooks)]
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         found.append("every module (global hooks)")
     return found
+
+
+def opaque_hooks(model: torch.nn.Module) -> list[str]:
+    """The hooks a graph cannot carry, by where they are: global module hooks, and hooks of submodules that
+    read anything the Python-values guard cannot see (`transparent`)."""
+    from torch.nn.modules import module as nn_module
+
+    found = ["every module (global hooks)"] if any(getattr(nn_module, h) for h in _GLOBAL_HOOKS) else []
+    for path, m in model.named_modules():
+        if m is not model and not all(transparent(h) for name in _HOOKS for h in getattr(m, name).values()):
+            found.append(path)
+    return found
+
+
+def transparent(fn, depth: int = 0) -> bool:
+    """A function whose every read the guard checks: plain defaults, a closure of plain values and such functions,
+    and globals that are plain values, such functions, modules or classes. Not a partial, a bound method or a
+    callable object, nor a function closing over or loading an object: its fields, a tensor in a dict, an
+    external module's weights may change unseen. transformers' output-recording hooks read one object besides:
+    the per-call collector their model's forward sets and clears around every call (`_PER_CALL_STATE`)."""
+    if not isinstance(fn, types.FunctionType) or depth > _DEPTH:
+        return False
+    if not _constant(fn.__defaults__) or not _constant(fn.__kwdefaults__):
+        return False
+    cells = _Cells(fn)
+    if not all(_constant(cells[n]) or transparent(cells[n], depth + 1) for n in cells):
+        return False
+    globs, names = _globals_read(fn)
+    allowed = _PER_CALL_STATE.get(fn.__module__, ())
+    return all(_constant(v) or isinstance(v, (types.ModuleType, type)) or name in allowed
+               or transparent(v, depth + 1) for name in names for v in (globs[name],))
+
+
+def _constant(value) -> bool:
+    """A plain value no one can change in place: a list or dict a hook reads, even empty, is one it may fill."""
+    return _plain(value) and not any(isinstance(v, (list, dict, set)) for v in _walk(value))
+
+
+def _walk(value):
+    yield value
+    if isinstance(value, (tuple, frozenset)):
+        for v in value:
+            yield from _walk(v)
 
 
 def changes_itself(model: torch.nn.Module, run) -> list[str]:

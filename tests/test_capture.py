@@ -112,34 +112,61 @@ def test_a_forward_that_changes_its_own_values_is_refused():
 
 
 class KeepsItsTable(nn.Module):
-    """Keeps the rows of its table it used on ``self`` (rotary caches keep their tables; CodeGen keeps its table
-    moved to the ids' device): traced, the forward stores a proxy there."""
+    """Keeps its table cast to the input's type on ``self``, as CodeGen keeps its table moved to the ids' device:
+    the same tensor where it is of that type already, so calls change nothing; traced, the forward stores a
+    proxy there."""
 
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(8, 8)
-        self.table = torch.randn(16, 8)
-        self.cached = None  # plain attributes, neither parameters nor buffers
+        self.table = torch.randn(16, 8)  # a plain attribute, neither a parameter nor a buffer
 
     def forward(self, x):
-        self.cached = self.table.narrow(0, 0, x.shape[1])
-        return self.proj(x) + self.cached
+        self.table = self.table.type_as(x)
+        return self.proj(x) + self.table.narrow(0, 0, x.shape[1])
 
 
-@pytest.mark.parametrize("frontend", ["fx", "dynamo", None])
+class StoresItsRows(KeepsItsTable):
+    """Stores a new tensor on ``self`` on every call: a graph cannot repeat that."""
+
+    def forward(self, x):
+        self.rows = self.table.narrow(0, 0, x.shape[1])
+        return self.proj(x) + self.rows
+
+
+@pytest.mark.parametrize("frontend", ["dynamo", None])  # plain fx cannot trace type_as on a traced input
 def test_capture_leaves_the_models_attributes_as_they_were(frontend):
     model = KeepsItsTable().eval()
     x = torch.randn(2, 5, 8)
-    with torch.no_grad():
-        model(x)
-    cached = model.cached
+    table = model.table
     fxbt.optimize(model, (x,), frontend=frontend)
-    assert type(model.cached) is torch.Tensor and torch.equal(model.cached, cached), type(model.cached)
+    assert model.table is table, type(model.table)
     probe = torch.randn(3, 7, 8)
     with torch.no_grad():
         want = model.proj(probe) + model.table[:7]
         assert torch.allclose(model(probe), want, atol=1e-6)
         assert torch.allclose(fxbt.restore(model)(probe), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("frontend", ["fx", None])
+def test_a_forward_storing_a_new_tensor_on_itself_is_not_frozen_into_a_graph(frontend):
+    """Refused with a frontend chosen; by default its calls run through torch.compile, which stores the tensor
+    as the model does. Either way optimize leaves the attribute as it was."""
+    model = StoresItsRows().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        model(x)
+    rows = model.rows
+    if frontend:
+        with pytest.raises(fxbt.CaptureError, match="rows was replaced"):
+            fxbt.optimize(model, (x,), frontend=frontend)
+    else:
+        fxbt.optimize(model, (x,))
+    assert model.rows is rows
+    if not frontend:
+        with torch.no_grad():
+            model(torch.randn(3, 7, 8))
+        assert model.rows.shape == (7, 8)
 
 # --- dynamo: repeated blocks traced once ---------------------------------------------------------------------
 

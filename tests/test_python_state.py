@@ -5,7 +5,10 @@ that the optimized model follows the change exactly as the model does (it would 
 """
 from __future__ import annotations
 
+import collections
 import copy
+import functools
+import types
 
 import pytest
 import torch
@@ -231,7 +234,96 @@ def test_a_hook_that_records_keeps_recording():
     assert len(recorded) == len(wanted) == 2
     assert all(_error(a, b, mask) < TOL for a, b in zip(recorded, wanted))
     assert _error(model.layers[0].kept, reference.layers[0].kept, mask) < TOL
-    assert any("changes values of its own" in h for h in model.forward.dispatcher.history)
+    assert any("a graph cannot repeat them" in h for h in model.forward.dispatcher.history)
+
+
+def _opaque_hooks():
+    """Hooks reading what the values guard cannot see: each returns (hook for the model, hook for the reference,
+    a change made to both after optimize)."""
+    objects = [types.SimpleNamespace(scale=2.0) for _ in range(2)]
+    partials = [functools.partial(lambda mod, a, o, cfg: o * cfg.scale, cfg=ob) for ob in objects]
+    defaults = [(lambda ob: (lambda mod, a, o, cfg=ob: o * cfg.scale))(ob) for ob in objects]
+    tensors = [{"t": torch.tensor(2.0)} for _ in range(2)]
+    by_dict = [(lambda d: (lambda mod, a, o: o * d["t"]))(d) for d in tensors]
+    return {
+        "partial": (*partials, lambda: [setattr(ob, "scale", 3.0) for ob in objects]),
+        "default argument": (*defaults, lambda: [setattr(ob, "scale", 3.0) for ob in objects]),
+        "tensor in a dict": (*by_dict, lambda: [d.__setitem__("t", torch.tensor(3.0)) for d in tensors]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["partial", "default argument", "tensor in a dict"])
+def test_a_hook_reading_what_the_guard_cannot_see_runs_through_torch_compile(kind):
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    mine, theirs, change = _opaque_hooks()[kind]
+    model.layers[0].out.register_forward_hook(mine)
+    reference.layers[0].out.register_forward_hook(theirs)
+    fxbt.optimize(model, _inputs(2, 5))
+    x, mask = _inputs()
+    with torch.no_grad():
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL
+        change()
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert not fxbt.report(model).reports
+
+
+def test_a_recorder_records_what_the_models_calls_record_and_nothing_at_optimize():
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    recorded, wanted = collections.defaultdict(list), collections.defaultdict(list)
+    for m, store in ((model, recorded), (reference, wanted)):
+        for i, layer in enumerate(m.layers):
+            layer.register_forward_hook(lambda mod, a, o, i=i, store=store: store[i].append(o))
+    fxbt.optimize(model, _inputs(2, 5))
+    assert not recorded
+    with torch.no_grad():
+        for seed in range(2):
+            x, mask = _inputs(seed=seed)
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert [len(v) for v in recorded.values()] == [len(v) for v in wanted.values()] == [2, 2]
+
+
+def test_the_models_own_hooks_run_once():
+    """Hooks of the optimized module itself run around its forward, as ever, and are not in the graph too."""
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        m.register_forward_hook(lambda mod, a, o: o * 2)
+        m.register_forward_pre_hook(lambda mod, args, kwargs: ((args[0] + 1.0, *args[1:]), kwargs), with_kwargs=True)
+    fxbt.optimize(model, _inputs(2, 5))
+    x, mask = _inputs()
+    with torch.no_grad():
+        assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    assert fxbt.report(model).reports
+
+
+def test_hooks_added_later_are_run_by_every_route():
+    """A global module hook registered after optimize drops the graph; a hook added to a model whose calls run
+    through torch.compile drops torch.compile's code, which does not guard on hooks."""
+    model, reference = _pair()
+    x, mask = _inputs()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, a, o: o * 1.5 if isinstance(mod, nn.LayerNorm) else None)
+    try:
+        with torch.no_grad():
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    finally:
+        handle.remove()
+    assert any("global module hooks" in h for h in model.forward.dispatcher.history)
+    torch.manual_seed(0)
+    counting, twin = Counting().eval(), None
+    twin = copy.deepcopy(counting)
+    fxbt.optimize(counting, _inputs(2, 5))  # its calls run through torch.compile
+    with torch.no_grad():
+        counting(x, mask), twin(x, mask)
+        for m in (counting, twin):
+            m.block.out.register_forward_hook(lambda mod, a, o: o * 3)
+        assert _error(counting(x, mask), twin(x, mask), mask) < TOL
+    assert any("torch.compile's graphs dropped" in h for h in counting.forward.dispatcher.history)
 
 
 class Counting(nn.Module):
