@@ -5,10 +5,9 @@ a config field (``config.output_hidden_states``), an activation chosen by attrib
 forward's module; it runs no ``forward`` set on a submodule. So a graph may serve a call only while all of
 these are what they were when it was captured (`PythonState`, checked on every call with the other guards).
 A forward that changes such a value itself (a step counter, an attention map it stores on ``self``) cannot
-be repeated by a graph at all (`changes_itself`). Forward hooks on submodules are traced into the graph by dynamo, the only frontend that
-runs them (`hooked`); the values their closures and code read are guarded like a module's, and a hook that
-changes anything outside the call (appends to a list, stores an activation on a module) cannot be repeated
-by a graph either.
+be repeated by a graph at all (`changes_itself`). Forward hooks on submodules are traced into the graph by
+dynamo, the only frontend that runs them, where the guard sees all they read (`transparent`); the others
+(`opaque_hooks`) cannot be carried by a graph either.
 """
 from __future__ import annotations
 
@@ -182,8 +181,8 @@ class PythonState:
             self.spaces.append(_Namespace(globs, f"a global of {where}", sorted(names), False))
 
     def _add_function(self, fn, label: str, seen: set, depth: int, functions: set) -> None:
-        """A hook: its closure's values and the objects in it, the plain globals its code reads, and the same of
-        the functions it closes over; a bound method's object, a callable object's fields."""
+        """A hook: its closure's values and the objects in it, the globals its code reads, and the same of the
+        functions it closes over; a bound method's object, a callable object's fields."""
         owner = getattr(fn, "__self__", None)
         if owner is not None and _read_through(owner) and id(owner) not in seen:
             seen.add(id(owner))
@@ -248,11 +247,11 @@ def _globals_read_by(functions) -> list[tuple[dict, set, str]]:
         globs, names = _globals_read(fn)
         if not names:
             continue
-        _, plain, _ = found.setdefault(id(globs), (globs, set(), getattr(fn, "__module__", None) or "?"))
+        _, read, _ = found.setdefault(id(globs), (globs, set(), getattr(fn, "__module__", None) or "?"))
         for name in names:
             value = globs[name]
             if not isinstance(value, types.ModuleType):  # ``torch``, ``F``: the same module as long as we run
-                plain.add(name)
+                read.add(name)
             if isinstance(value, types.FunctionType) and depth < _DEPTH:
                 todo.append((value, depth + 1))
     return [entry for entry in found.values() if entry[1]]
