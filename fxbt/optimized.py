@@ -263,7 +263,7 @@ class Optimized:
         if self.compiled is not None and not python_state.registries_hold(self.compiled_registries):
             # dynamo does not guard on module hooks (skip_nnmodule_hook_guards): its code would run without a
             # hook added since, or with one removed
-            self.history.append("torch.compile's graphs dropped: hooks or submodules were added or removed")
+            self.history.append("torch.compile's graphs dropped: hooks or submodules were added, removed or replaced")
             self.compiled = None
         if self.compiled is None:
             from .backend import compile_route

@@ -80,6 +80,27 @@ class _Cells(Mapping):
         return sum(1 for _ in self)
 
 
+class _FunctionParts(Mapping):
+    """A function's code and defaults read like a namespace: a hook whose ``__code__`` is swapped is another."""
+
+    NAMES = ("__code__", "__defaults__", "__kwdefaults__")
+
+    def __init__(self, fn: types.FunctionType):
+        self.fn = fn
+
+    def __getitem__(self, name):
+        return getattr(self.fn, name)
+
+    def __setitem__(self, name, value):
+        setattr(self.fn, name, value)
+
+    def __iter__(self):
+        return iter(self.NAMES)
+
+    def __len__(self):
+        return len(self.NAMES)
+
+
 def _contents(value, depth: int = 0):
     """What a container holds, by identity, and what the containers in it hold: a list a forward appends to
     (``self.maps[name].append(...)``) is the same list with more in it."""
@@ -197,6 +218,7 @@ class PythonState:
             return
         seen.add(id(fn))
         functions.add(fn)
+        self._add(_FunctionParts(fn), f"{label} (its code)", list(_FunctionParts.NAMES), seen, _DEPTH)
         cells = _Cells(fn)
         self._add(cells, label, list(cells), seen, depth)
         for name in cells:
@@ -225,9 +247,9 @@ class PythonState:
         for s in self.spaces:
             if not s.holds():
                 return s.failing() or f"{s.label} changed"
-        for d, keys, what in self.registries:
-            if tuple(d) != keys:
-                return f"{what} were added or removed"
+        for d, entries, what in self.registries:
+            if _entries(d) != entries:
+                return f"{what} were added, removed or replaced"
         return ""
 
 
@@ -276,18 +298,23 @@ def registries(model: torch.nn.Module) -> list[tuple[dict, tuple, str]]:
     fxbt's dispatcher) hooks, and torch's global module hooks, which run on every module of the model."""
     from torch.nn.modules import module as nn_module
 
-    found = [(getattr(nn_module, name), tuple(getattr(nn_module, name)), "torch's global module hooks")
+    found = [(getattr(nn_module, name), _entries(getattr(nn_module, name)), "torch's global module hooks")
              for name in _GLOBAL_HOOKS]
     for path, module in model.named_modules():
         label = path or type(model).__name__
-        found.append((module._modules, tuple(module._modules), f"the submodules of {label}"))
+        found.append((module._modules, _entries(module._modules), f"the submodules of {label}"))
         if module is not model:
-            found += [(getattr(module, h), tuple(getattr(module, h)), f"the hooks of {label}") for h in _HOOKS]
+            found += [(getattr(module, h), _entries(getattr(module, h)), f"the hooks of {label}") for h in _HOOKS]
     return found
 
 
+def _entries(d: dict) -> tuple:
+    """Keys and what is there, by identity: a hook replaced under its handle's id is another hook."""
+    return tuple((k, id(v)) for k, v in d.items())
+
+
 def registries_hold(found) -> bool:
-    return all(tuple(d) == keys for d, keys, _ in found)
+    return all(_entries(d) == entries for d, entries, _ in found)
 
 
 def hooked(model: torch.nn.Module) -> list[str]:
@@ -314,9 +341,9 @@ def opaque_hooks(model: torch.nn.Module) -> list[str]:
 
 def transparent(fn, depth: int = 0) -> bool:
     """A function whose every read the guard checks: plain defaults, a closure of plain values and such functions,
-    and globals that are plain values, such functions, modules or classes. Not a partial, a bound method or a
-    callable object, nor a function closing over or loading an object: its fields, a tensor in a dict, an
-    external module's weights may change unseen. transformers' output-recording hooks read one object besides:
+    and globals that are plain values or such functions. Not a partial, a bound method or a callable object, nor
+    a function closing over or loading an object, a class or a module: their fields (a tensor in a dict, an
+    external module's weights, ``os.environ``, a class attribute) may change unseen. transformers' output-recording hooks read one object besides:
     the per-call collector their model's forward sets and clears around every call (`_PER_CALL_STATE`)."""
     if not isinstance(fn, types.FunctionType) or depth > _DEPTH:
         return False
@@ -327,13 +354,13 @@ def transparent(fn, depth: int = 0) -> bool:
         return False
     globs, names = _globals_read(fn)
     allowed = _PER_CALL_STATE.get(fn.__module__, ())
-    return all(_constant(v) or isinstance(v, (types.ModuleType, type)) or name in allowed
-               or transparent(v, depth + 1) for name in names for v in (globs[name],))
+    return all(_constant(v) or name in allowed or transparent(v, depth + 1) for name in names for v in (globs[name],))
 
 
 def _constant(value) -> bool:
-    """A plain value no one can change in place: a list or dict a hook reads, even empty, is one it may fill."""
-    return _plain(value) and not any(isinstance(v, (list, dict, set)) for v in _walk(value))
+    """A plain value no one can change in place: a list or dict a hook reads, even empty, is one it may fill, and
+    a class has attributes."""
+    return _plain(value) and not any(isinstance(v, (list, dict, set, type)) for v in _walk(value))
 
 
 def _walk(value):
@@ -353,4 +380,5 @@ def changes_itself(model: torch.nn.Module, run) -> list[str]:
     run()
     changed = [s.failing() or f"{s.label} changed" for s, was in zip(before.spaces, contents)
                if not s.holds() or s.contents() != was]
-    return changed + [f"{what} were added or removed" for d, keys, what in before.registries if tuple(d) != keys]
+    return changed + [f"{what} were added, removed or replaced" for d, entries, what in before.registries
+                      if _entries(d) != entries]

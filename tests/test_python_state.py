@@ -269,6 +269,50 @@ def test_a_hook_reading_what_the_guard_cannot_see_runs_through_torch_compile(kin
     assert not fxbt.report(model).reports
 
 
+class HookSettings:
+    scale = 2.0
+
+
+def _by_class_attribute(mod, a, o):
+    return o * HookSettings.scale
+
+
+def _replaced_under_its_id(model, reference):
+    for m in (model, reference):
+        hooks = m.layers[0].out._forward_hooks
+        key = next(iter(hooks))
+        hooks[key] = lambda mod, a, o: o * 3.0
+
+
+def _code_swapped(model, reference):
+    hook = next(iter(model.layers[0].out._forward_hooks.values()))
+    hook.__code__ = (lambda mod, a, o: o * 3.0).__code__
+
+
+@pytest.mark.parametrize("change", ["class attribute", "hook replaced under its id", "hook code swapped"])
+def test_a_hook_changed_in_place_after_optimize_is_followed(change):
+    torch.manual_seed(0)
+    model = Model().eval()
+    reference = copy.deepcopy(model)
+    hook = _by_class_attribute if change == "class attribute" else (lambda mod, a, o: o * 2.0)
+    for m in (model, reference):
+        m.layers[0].out.register_forward_hook(hook)
+    fxbt.optimize(model, _inputs(2, 5))
+    x, mask = _inputs()
+    try:
+        with torch.no_grad():
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+            if change == "class attribute":
+                HookSettings.scale = 3.0
+            elif change == "hook replaced under its id":
+                _replaced_under_its_id(model, reference)
+            else:
+                _code_swapped(model, reference)  # one function, shared by both
+            assert _error(model(x, mask), reference(x, mask), mask) < TOL
+    finally:
+        HookSettings.scale = 2.0
+
+
 def test_a_recorder_records_what_the_models_calls_record_and_nothing_at_optimize():
     torch.manual_seed(0)
     model = Model().eval()
