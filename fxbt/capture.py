@@ -197,7 +197,7 @@ def _output_with_cache(model, args, kwargs):
     """The structure of the call's output with the model's KV cache as configured, where a config switches one
     on (``cache_off`` would change the call); None where none does. A decoder called plainly returns its cache,
     and a caller may feed it back: a graph captured with the cache off would silently return none."""
-    if not any(c.use_cache for c in _cache_configs(model)):
+    if not any(c.use_cache for c in cache_configs(model)):
         return None
     return pytree.tree_structure(_seeded(model.training, lambda: model(*args, **kwargs)))
 
@@ -304,7 +304,7 @@ def cache_off(model: torch.nn.Module):
     Sub-models keep configs of their own (T5's decoder stack copies its config), so every config
     reachable from the model's modules is switched, and restored afterwards.
     """
-    configs = {id(c): c for c in _cache_configs(model)}
+    configs = {id(c): c for c in cache_configs(model)}
     saved = {key: c.use_cache for key, c in configs.items()}
     for c in configs.values():
         c.use_cache = False
@@ -315,7 +315,8 @@ def cache_off(model: torch.nn.Module):
             c.use_cache = saved[key]
 
 
-def _cache_configs(model: torch.nn.Module) -> list:
+def cache_configs(model: torch.nn.Module) -> list:
+    """Every config reachable from the model's modules that says whether to return a KV cache."""
     return [c for m in model.modules() if (c := getattr(m, "config", None)) is not None
             and getattr(c, "use_cache", None) is not None]
 

@@ -44,9 +44,10 @@ def load_model(path: Path):
 
 
 def _cache_off(model):
-    for module in model.modules():
-        if getattr(getattr(module, "config", None), "use_cache", None):
-            module.config.use_cache = False
+    from .capture import cache_configs
+
+    for config in cache_configs(model):
+        config.use_cache = False
     return model
 
 

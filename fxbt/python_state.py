@@ -247,10 +247,7 @@ class PythonState:
         for s in self.spaces:
             if not s.holds():
                 return s.failing() or f"{s.label} changed"
-        for d, entries, what in self.registries:
-            if _entries(d) != entries:
-                return f"{what} were added, removed or replaced"
-        return ""
+        return next(iter(_registries_changed(self.registries)), "")
 
 
 def _globals_read_by(functions) -> list[tuple[dict, set, str]]:
@@ -314,7 +311,12 @@ def _entries(d: dict) -> tuple:
 
 
 def registries_hold(found) -> bool:
-    return all(_entries(d) == entries for d, entries, _ in found)
+    # most dicts are empty (hooks): their length says all, and costs no tuple
+    return all(len(d) == len(entries) and (not entries or _entries(d) == entries) for d, entries, _ in found)
+
+
+def _registries_changed(found) -> list[str]:
+    return [f"{what} were added, removed or replaced" for d, entries, what in found if _entries(d) != entries]
 
 
 def hooked(model: torch.nn.Module) -> list[str]:
@@ -343,8 +345,9 @@ def transparent(fn, depth: int = 0) -> bool:
     """A function whose every read the guard checks: plain defaults, a closure of plain values and such functions,
     and globals that are plain values or such functions. Not a partial, a bound method or a callable object, nor
     a function closing over or loading an object, a class or a module: their fields (a tensor in a dict, an
-    external module's weights, ``os.environ``, a class attribute) may change unseen. transformers' output-recording hooks read one object besides:
-    the per-call collector their model's forward sets and clears around every call (`_PER_CALL_STATE`)."""
+    external module's weights, ``os.environ``, a class attribute) may change unseen. transformers'
+    output-recording hooks read one object besides: the per-call collector their model's forward sets and
+    clears around every call (`_PER_CALL_STATE`)."""
     if not isinstance(fn, types.FunctionType) or depth > _DEPTH:
         return False
     if not _constant(fn.__defaults__) or not _constant(fn.__kwdefaults__):
@@ -380,5 +383,4 @@ def changes_itself(model: torch.nn.Module, run) -> list[str]:
     run()
     changed = [s.failing() or f"{s.label} changed" for s, was in zip(before.spaces, contents)
                if not s.holds() or s.contents() != was]
-    return changed + [f"{what} were added, removed or replaced" for d, entries, what in before.registries
-                      if _entries(d) != entries]
+    return changed + _registries_changed(before.registries)
